@@ -23,6 +23,7 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_IsContiguous, PyBuffer_Releas
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItem
+from cpython.long cimport PyLong_CheckExact
 from cpython.object cimport PyObject
 from libc.stdint cimport int64_t, uint8_t, uint32_t
 from libc.string cimport memcpy
@@ -473,6 +474,16 @@ cdef class Session:
         view = fastnat_view_slice(PyMemoryView_FromObject(self._out), 0, n)
         try:
             write(view)
+        except BaseException:
+            # The frames stay queued. If the writer kept a slice of the view,
+            # the buffer cannot grow any more: queue into a copy instead.
+            try:
+                view.release()
+            except BufferError:
+                pass
+            if _exports(self._out) > 0:
+                self._out = PyByteArray_FromStringAndSize(PyByteArray_AS_STRING(self._out), self._out_cap)
+            raise
         finally:
             try:
                 view.release()
@@ -535,6 +546,8 @@ cdef class Session:
             PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
         except BufferError:
             raise TypeError("send_data needs a C-contiguous bytes-like object") from None
+        except TypeError:
+            raise TypeError(f"send_data needs a bytes-like object, not {type(data).__name__}") from None
         try:
             return self._queue_data(stream, <const char*>buf.buf, buf.len)
         finally:
@@ -549,9 +562,9 @@ cdef class Session:
             n = <Py_ssize_t>stream.send_window
         if n <= 0:
             return 0
-        stream.send_window -= n
         # One reservation for every frame's header and payload.
         p = self._reserve(n + HEADER_SIZE * ((n + frame - 1) // frame))
+        stream.send_window -= n
         pos = 0
         while pos < n:
             size = n - pos
@@ -570,10 +583,9 @@ cdef class Session:
         n = _index(n)
         if n < 0:
             raise ValueError(f"cannot acknowledge a negative amount ({n})")
-        cdef PyObject* found = PyDict_GetItem(self._streams, stream_id)
-        if found == NULL:
+        cdef _Stream stream = self._find(stream_id)
+        if stream is None:
             return
-        cdef _Stream stream = <_Stream>found
         if n > stream.unacked:
             raise ValueError(
                 f"stream {stream_id}: acknowledging {n} bytes but only {stream.unacked} were received and not acknowledged"
@@ -623,10 +635,9 @@ cdef class Session:
     def reset_stream(self, stream_id):
         """Reset the stream (RST), or refuse a stream the peer opened; a stream already gone is left alone."""
         self._check_alive()
-        cdef PyObject* found = PyDict_GetItem(self._streams, stream_id)
-        if found == NULL:
+        cdef _Stream stream = self._find(stream_id)
+        if stream is None:
             return
-        cdef _Stream stream = <_Stream>found
         self._forget(stream)
         self._queue(T_WINDOW_UPDATE, F_RST, stream.stream_id, 0)
 
@@ -672,15 +683,26 @@ cdef class Session:
             raise ProtocolError(f"the session failed earlier: {self._error}")
         return 0
 
-    cdef _Stream _get(self, stream_id):
-        cdef PyObject* found = PyDict_GetItem(self._streams, stream_id)
+    cdef _Stream _find(self, stream_id):
+        """The stream with this id, or None; a non-integer id is a TypeError."""
+        key = stream_id
+        if not PyLong_CheckExact(key):
+            try:
+                key = _index(stream_id)
+            except TypeError:
+                raise TypeError(f"stream ids are ints, not {type(stream_id).__name__}") from None
+        cdef PyObject* found = PyDict_GetItem(self._streams, key)
         if found == NULL:
-            raise StreamClosedError(self._why_missing(stream_id))
+            return None
         return <_Stream>found
 
+    cdef _Stream _get(self, stream_id):
+        cdef _Stream stream = self._find(stream_id)
+        if stream is None:
+            raise StreamClosedError(self._why_missing(_index(stream_id)))
+        return stream
+
     def _why_missing(self, stream_id):
-        if not isinstance(stream_id, int):
-            return f"stream ids are ints, not {type(stream_id).__name__}"
         ours = (stream_id & 1) == (1 if self._client else 0)
         if stream_id <= 0 or stream_id > MAX_U32:
             return f"no stream {stream_id}: stream ids are between 1 and {MAX_U32}"
@@ -716,7 +738,11 @@ cdef class Session:
         """
         self._check_alive()
         cdef list events = []
-        cdef object view = PyMemoryView_FromObject(data)
+        cdef object view
+        try:
+            view = PyMemoryView_FromObject(data)
+        except TypeError:
+            raise TypeError(f"receive_data needs a bytes-like object, not {type(data).__name__}") from None
         cdef Py_buffer* pb = PyMemoryView_GET_BUFFER(view)
         if not PyBuffer_IsContiguous(pb, b'C'):
             raise TypeError("receive_data needs a C-contiguous bytes-like object")
@@ -805,6 +831,19 @@ cdef class Session:
         if stream_id == 0:
             raise self._fail(f"{kind} frame on stream 0, which belongs to the session", events)
         if flags & F_SYN:
+            # A new stream starts with the spec's window both ways: check the
+            # frame against it before the stream exists, so that a bad frame
+            # does not report StreamOpened.
+            if frame_type == T_DATA and length > INITIAL_WINDOW:
+                raise self._fail(
+                    f"stream {stream_id}: Data frame of {length} bytes exceeds the receive window of {INITIAL_WINDOW}",
+                    events,
+                )
+            if frame_type == T_WINDOW_UPDATE and INITIAL_WINDOW + length > MAX_U32:
+                raise self._fail(
+                    f"stream {stream_id}: window update of {length} would take the send window past 2^32-1",
+                    events,
+                )
             stream = self._peer_opened(stream_id, events)
             if stream is None:
                 return None

@@ -203,6 +203,11 @@ class Session:
         view = memoryview(out)
         try:
             write(view)
+        except BaseException:
+            # The frames stay queued. If the writer kept a slice of the view,
+            # the buffer cannot grow any more: queue into a copy instead.
+            self._out = bytearray(out)
+            raise
         finally:
             try:
                 view.release()
@@ -272,7 +277,11 @@ class Session:
             raise StreamClosedError(f"stream {stream_id}: this side has already ended it")
         if stream.inbound and not stream.accepted:
             self._accept(stream)
-        with memoryview(data) as view:
+        try:
+            view = memoryview(data)
+        except TypeError:
+            raise TypeError(f"send_data needs a bytes-like object, not {type(data).__name__}") from None
+        with view:
             if not view.c_contiguous:
                 raise TypeError("send_data needs a C-contiguous bytes-like object")
             if view.ndim != 1 or view.format != "B":
@@ -280,15 +289,15 @@ class Session:
             n = min(view.nbytes, stream.send_window)
             if n <= 0:
                 return 0
-            stream.send_window -= n
             frame = self._config.max_frame_size
             out = self._out
             pos = 0
             while pos < n:
                 size = min(frame, n - pos)
-                out += _pack(0, _DATA, 0, stream_id, size)
+                out += _pack(0, _DATA, 0, stream.stream_id, size)
                 out += view[pos : pos + size]
                 pos += size
+        stream.send_window -= n
         return n
 
     def acknowledge_received_data(self, stream_id: int, n: int) -> None:
@@ -302,7 +311,7 @@ class Session:
         n = _index(n)
         if n < 0:
             raise ValueError(f"cannot acknowledge a negative amount ({n})")
-        stream = self._streams.get(stream_id)
+        stream = self._find(stream_id)
         if stream is None:
             return
         if n > stream.unacked:
@@ -343,7 +352,7 @@ class Session:
         if stream.inbound and not stream.accepted:
             self._accept(stream)
         stream.local_closed = True
-        self._queue(_WINDOW_UPDATE, _FIN, stream_id, 0)
+        self._queue(_WINDOW_UPDATE, _FIN, stream.stream_id, 0)
         if stream.remote_closed:
             self._forget(stream)
 
@@ -354,11 +363,11 @@ class Session:
         the peer may cross this one.
         """
         self._check_alive()
-        stream = self._streams.get(stream_id)
+        stream = self._find(stream_id)
         if stream is None:
             return
         self._forget(stream)
-        self._queue(_WINDOW_UPDATE, _RST, stream_id, 0)
+        self._queue(_WINDOW_UPDATE, _RST, stream.stream_id, 0)
 
     def ping(self, opaque: int | None = None) -> int:
         """Queue a ping; returns its opaque value, echoed in ``PingAcknowledged``."""
@@ -405,15 +414,22 @@ class Session:
         if self._error is not None:
             raise ProtocolError(f"the session failed earlier: {self._error}")
 
+    def _find(self, stream_id: int) -> _Stream | None:
+        """The stream with this id, or None; a non-integer id is a TypeError."""
+        if type(stream_id) is not int:
+            try:
+                stream_id = _index(stream_id)
+            except TypeError:
+                raise TypeError(f"stream ids are ints, not {type(stream_id).__name__}") from None
+        return self._streams.get(stream_id)
+
     def _get(self, stream_id: int) -> _Stream:
-        stream = self._streams.get(stream_id)
+        stream = self._find(stream_id)
         if stream is None:
-            raise StreamClosedError(self._why_missing(stream_id))
+            raise StreamClosedError(self._why_missing(_index(stream_id)))
         return stream
 
     def _why_missing(self, stream_id: int) -> str:
-        if not isinstance(stream_id, int):
-            return f"stream ids are ints, not {type(stream_id).__name__}"
         ours = (stream_id & 1) == (1 if self._client else 0)
         if stream_id <= 0 or stream_id > MAX_UINT32:
             return f"no stream {stream_id}: stream ids are between 1 and {MAX_UINT32}"
@@ -448,7 +464,10 @@ class Session:
         """
         self._check_alive()
         events: list[Any] = []
-        view = memoryview(data)
+        try:
+            view = memoryview(data)
+        except TypeError:
+            raise TypeError(f"receive_data needs a bytes-like object, not {type(data).__name__}") from None
         if not view.c_contiguous:
             raise TypeError("receive_data needs a C-contiguous bytes-like object")
         if view.ndim != 1 or view.format != "B":
@@ -500,6 +519,19 @@ class Session:
         if stream_id == 0:
             raise self._fail(f"{kind} frame on stream 0, which belongs to the session", events)
         if flags & _SYN:
+            # A new stream starts with the spec's window both ways: check the
+            # frame against it before the stream exists, so that a bad frame
+            # does not report StreamOpened.
+            if frame_type == _DATA and length > INITIAL_STREAM_WINDOW:
+                raise self._fail(
+                    f"stream {stream_id}: Data frame of {length} bytes exceeds the receive window of {INITIAL_STREAM_WINDOW}",
+                    events,
+                )
+            if frame_type == _WINDOW_UPDATE and INITIAL_STREAM_WINDOW + length > MAX_UINT32:
+                raise self._fail(
+                    f"stream {stream_id}: window update of {length} would take the send window past 2^32-1",
+                    events,
+                )
             stream = self._peer_opened(stream_id, kind, events)
             if stream is None:
                 return None
