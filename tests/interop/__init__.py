@@ -1,0 +1,1 @@
+"""Interop tests against Go's hashicorp/yamux (see conftest.py)."""
