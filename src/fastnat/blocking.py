@@ -1,0 +1,593 @@
+"""Blocking sessions and socket-like streams, for code without an event loop.
+
+One background thread per process runs an event loop (uvloop when installed),
+started on first use and stopped at interpreter exit. :class:`BlockingSession`
+wraps a :class:`fastnat.aio.MuxSession` living on that loop, and each stream is
+a :class:`StreamSocket`: an object with the methods a ``socket.socket`` user
+reaches for (``send``, ``sendall``, ``recv``, ``recv_into``, ``shutdown``,
+``settimeout``, ``makefile``...). One reader thread and one writer thread may
+use a stream at the same time.
+
+Data crosses threads through a bounded buffer on each side, so a thread that
+stops reading stops the peer (window credit is withheld) and a thread that
+writes faster than the stream can carry blocks in ``sendall``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import errno
+import io
+import os
+import socket
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from fastnat.aio._loop import new_event_loop
+from fastnat.aio.session import MuxSession
+from fastnat.aio.stream import StreamTransport
+from fastnat.mux_config import MuxConfig
+
+__all__ = ["BlockingSession", "StreamSocket", "run_in_loop", "loop_thread"]
+
+T = TypeVar("T")
+
+# Received data buffered for the reading thread before the stream stops
+# reading (and so stops acknowledging to the peer).
+RECV_BUFFER_LIMIT = 1024 * 1024
+# Data handed to the loop and not yet taken by the stream before sendall()
+# blocks: enough to keep the loop busy between two wake-ups of the writer.
+SEND_BUFFER_LIMIT = 1024 * 1024
+# How long interpreter exit waits for the loop thread to finish.
+_EXIT_JOIN_TIMEOUT = 5.0
+
+
+class _LoopThread:
+    """The process's background event loop thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        """The running background loop, started on first use (and again in a forked child)."""
+        with self._lock:
+            if self._loop is None or self._pid != os.getpid() or not self._thread or not self._thread.is_alive():
+                self._start()
+            assert self._loop is not None
+            return self._loop
+
+    def _start(self) -> None:
+        loop = new_event_loop()
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            loop.call_soon(ready.set)
+            try:
+                loop.run_forever()
+            finally:
+                try:
+                    _cancel_all(loop)
+                    loop.run_until_complete(loop.shutdown_asyncgens())
+                finally:
+                    loop.close()
+
+        thread = threading.Thread(target=run, name="fastnat-loop", daemon=True)
+        thread.start()
+        ready.wait()
+        self._loop, self._thread, self._pid = loop, thread, os.getpid()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._pid == os.getpid()
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        return self._thread
+
+    def stop(self, timeout: float = _EXIT_JOIN_TIMEOUT) -> None:
+        """Stop the loop (cancelling what runs on it) and join the thread."""
+        with self._lock:
+            loop, thread = self._loop, self._thread
+            if loop is None or thread is None or self._pid != os.getpid():
+                return
+            self._loop = self._thread = None
+        if thread.is_alive():
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout)
+
+
+def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:
+    tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+
+
+loop_thread = _LoopThread()
+atexit.register(loop_thread.stop)
+
+
+def run_in_loop(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+    """Run ``coro`` on the background loop and wait for its result.
+
+    On timeout the coroutine is cancelled and :class:`TimeoutError` raised.
+    """
+    loop = loop_thread.get_loop()
+    if threading.current_thread() is loop_thread.thread:
+        coro.close()
+        raise RuntimeError("blocking fastnat calls cannot be made from the fastnat loop thread")
+    future = asyncio.run_coroutine_threadsafe(coro, loop)
+    try:
+        return future.result(timeout)
+    except TimeoutError:
+        future.cancel()
+        raise TimeoutError(f"timed out after {timeout:g} s") from None
+
+
+# ----------------------------------------------------------------- the bridge
+
+
+class _Bridge(asyncio.Protocol):
+    """The loop-side protocol of a StreamSocket: moves data between the
+    stream transport (loop thread) and the socket's caller threads."""
+
+    _fastnat_accepts_views = True  # data_received copies at once
+
+    def __init__(self, transport: StreamTransport) -> None:
+        self.transport = transport
+        self.loop = transport._loop
+        self.lock = threading.Lock()
+        self.readable = threading.Condition(self.lock)
+        self.writable = threading.Condition(self.lock)
+        self.rbuf = bytearray()
+        self.eof = False
+        self.error: BaseException | None = None
+        self.reading_paused = False
+        self.write_paused = False
+        self.queued = 0  # bytes handed to the loop, not yet written to the transport
+        self.lost = False
+
+    # loop thread -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        pass
+
+    def data_received(self, data: Any) -> None:
+        with self.lock:
+            self.rbuf += data
+            self.readable.notify()
+            if len(self.rbuf) >= RECV_BUFFER_LIMIT and not self.reading_paused:
+                self.reading_paused = True
+                self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        with self.lock:
+            self.eof = True
+            self.readable.notify_all()
+        return True  # keep the write side open: half-close
+
+    def pause_writing(self) -> None:
+        with self.lock:
+            self.write_paused = True
+
+    def resume_writing(self) -> None:
+        with self.lock:
+            self.write_paused = False
+            self.writable.notify_all()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        with self.lock:
+            self.lost = True
+            if exc is not None and self.error is None:
+                self.error = exc
+            self.eof = True
+            self.readable.notify_all()
+            self.writable.notify_all()
+
+    def do_write(self, data: bytes) -> None:
+        try:
+            if not self.lost and not self.transport.is_closing():
+                self.transport.write(data)
+        except Exception as exc:  # the stream or session failed under us
+            with self.lock:
+                if self.error is None:
+                    self.error = exc
+        finally:
+            with self.lock:
+                self.queued -= len(data)
+                self.writable.notify_all()
+
+    def do_resume_reading(self) -> None:
+        with self.lock:
+            if not self.reading_paused or len(self.rbuf) >= RECV_BUFFER_LIMIT // 2:
+                return
+            self.reading_paused = False
+        self.transport.resume_reading()
+
+    # caller threads ----------------------------------------------------------
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed (interpreter exit)
+            raise ConnectionAbortedError("the fastnat loop has stopped") from None
+
+
+def _deadline_wait(cond: threading.Condition, timeout: float | None, ready: Callable[[], bool]) -> bool:
+    """Wait on ``cond`` (held) until ``ready()``; False on timeout."""
+    if timeout is None:
+        while not ready():
+            cond.wait()
+        return True
+    return cond.wait_for(ready, timeout)
+
+
+class StreamSocket:
+    """A socket-like object for one multiplexed stream.
+
+    Blocking by default; ``settimeout`` bounds ``recv``/``send`` waits and a
+    timeout raises :class:`TimeoutError` (``socket.timeout``). ``recv`` returns
+    ``b""`` at the end of the stream. ``fileno()`` is -1: there is no file
+    descriptor to select on.
+    """
+
+    def __init__(self, bridge: _Bridge, extra: dict[str, Any]) -> None:
+        self._bridge = bridge
+        self._timeout: float | None = None
+        self._closed = False
+        self._shut_wr = False
+        self._shut_rd = False
+        self._io_refs = 0
+        self._peername = extra.get("peername")
+        self._sockname = extra.get("sockname")
+        self._stream_id = extra.get("stream_id")
+        self.family = socket.AF_INET
+        self.type = socket.SOCK_STREAM
+        self.proto = 0
+
+    # ------------------------------------------------------------ settings
+
+    @property
+    def stream_id(self) -> int | None:
+        return self._stream_id
+
+    def settimeout(self, value: float | None) -> None:
+        if value is not None:
+            value = float(value)
+            if value < 0:
+                raise ValueError("Timeout value out of range")
+        self._timeout = value
+
+    def gettimeout(self) -> float | None:
+        return self._timeout
+
+    def setblocking(self, flag: bool) -> None:
+        self._timeout = None if flag else 0.0
+
+    def getblocking(self) -> bool:
+        return self._timeout != 0.0
+
+    def getpeername(self) -> Any:
+        self._check_open()
+        return self._peername
+
+    def getsockname(self) -> Any:
+        self._check_open()
+        return self._sockname
+
+    def fileno(self) -> int:
+        return -1
+
+    def setsockopt(self, *args: Any) -> None:
+        """Accepted and ignored: options belong to the session's TCP connection."""
+
+    # -------------------------------------------------------------- reading
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        if bufsize < 0:
+            raise ValueError("negative buffersize in recv")
+        self._check_open()
+        if flags:
+            raise OSError(errno.EOPNOTSUPP, "recv flags are not supported on a fastnat stream")
+        bridge = self._bridge
+        with bridge.lock:
+            self._wait_readable()
+            rbuf = bridge.rbuf
+            if not rbuf:
+                if bridge.error is not None and not self._shut_rd:
+                    raise _as_connection_error(bridge.error)
+                return b""
+            data = bytes(rbuf[:bufsize]) if bufsize < len(rbuf) else bytes(rbuf)
+            del rbuf[: len(data)]
+            resume = bridge.reading_paused and len(rbuf) < RECV_BUFFER_LIMIT // 2
+        if resume:
+            bridge.call(bridge.do_resume_reading)
+        return data
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        view = memoryview(buffer).cast("B")
+        if nbytes < 0:
+            raise ValueError("negative buffersize in recv_into")
+        if nbytes == 0 or nbytes > len(view):
+            nbytes = len(view)
+        self._check_open()
+        if flags:
+            raise OSError(errno.EOPNOTSUPP, "recv flags are not supported on a fastnat stream")
+        bridge = self._bridge
+        with bridge.lock:
+            self._wait_readable()
+            rbuf = bridge.rbuf
+            if not rbuf:
+                if bridge.error is not None and not self._shut_rd:
+                    raise _as_connection_error(bridge.error)
+                return 0
+            n = min(nbytes, len(rbuf))
+            view[:n] = rbuf[:n]
+            del rbuf[:n]
+            resume = bridge.reading_paused and len(rbuf) < RECV_BUFFER_LIMIT // 2
+        if resume:
+            bridge.call(bridge.do_resume_reading)
+        return n
+
+    def _wait_readable(self) -> None:
+        """Wait (lock held) until data, EOF or an error is there."""
+        bridge = self._bridge
+        if self._shut_rd:
+            bridge.rbuf.clear()
+            return
+        if not _deadline_wait(bridge.readable, self._timeout, lambda: bool(bridge.rbuf) or bridge.eof):
+            if self._timeout == 0.0:
+                raise BlockingIOError(errno.EAGAIN, "no data is ready on the stream")
+            raise TimeoutError("timed out")
+
+    # -------------------------------------------------------------- writing
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        view = memoryview(data).cast("B")
+        offset = 0
+        while offset < len(view):
+            offset += self._send_some(view[offset:], SEND_BUFFER_LIMIT)
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        return self._send_some(memoryview(data).cast("B"), SEND_BUFFER_LIMIT)
+
+    def _send_some(self, view: memoryview, limit: int) -> int:
+        self._check_open()
+        if self._shut_wr:
+            raise BrokenPipeError(errno.EPIPE, "the stream was shut down for writing")
+        if not view:
+            return 0
+        bridge = self._bridge
+        with bridge.lock:
+
+            def ready() -> bool:
+                return bridge.lost or bridge.error is not None or (bridge.queued < limit and not bridge.write_paused)
+
+            if not _deadline_wait(bridge.writable, self._timeout, ready):
+                if self._timeout == 0.0:
+                    raise BlockingIOError(errno.EAGAIN, "the stream's buffer is full")
+                raise TimeoutError("timed out")
+            if bridge.error is not None:
+                raise _as_connection_error(bridge.error)
+            if bridge.lost:
+                raise BrokenPipeError(errno.EPIPE, "the stream is closed")
+            chunk = bytes(view[: limit - bridge.queued])
+            bridge.queued += len(chunk)
+        bridge.call(bridge.do_write, chunk)
+        return len(chunk)
+
+    # ------------------------------------------------------------- closing
+
+    def shutdown(self, how: int) -> None:
+        """``SHUT_WR`` half-closes (FIN after the data sent); ``SHUT_RD`` drops what arrives."""
+        self._check_open()
+        if how not in (socket.SHUT_RD, socket.SHUT_WR, socket.SHUT_RDWR):
+            raise ValueError(f"invalid shutdown mode {how}")
+        bridge = self._bridge
+        if how in (socket.SHUT_WR, socket.SHUT_RDWR) and not self._shut_wr:
+            self._shut_wr = True
+            bridge.call(bridge.transport.write_eof)
+        if how in (socket.SHUT_RD, socket.SHUT_RDWR):
+            with bridge.lock:
+                self._shut_rd = True
+                bridge.rbuf.clear()
+                bridge.readable.notify_all()
+                paused = bridge.reading_paused
+                bridge.reading_paused = False
+            if paused:
+                bridge.call(bridge.transport.resume_reading)
+
+    def close(self) -> None:
+        """Close the stream: what was sent goes out, then a FIN."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._io_refs <= 0:
+            self._real_close()
+
+    def _real_close(self) -> None:
+        bridge = self._bridge
+        with bridge.lock:
+            bridge.readable.notify_all()
+            bridge.writable.notify_all()
+        try:
+            bridge.call(bridge.transport.close)
+        except ConnectionAbortedError:
+            pass
+
+    def detach(self) -> int:
+        raise OSError(errno.EOPNOTSUPP, "a fastnat stream has no file descriptor to detach")
+
+    def _decref_socketios(self) -> None:
+        if self._io_refs > 0:
+            self._io_refs -= 1
+        if self._closed and self._io_refs <= 0:
+            self._real_close()
+
+    def makefile(
+        self,
+        mode: str = "r",
+        buffering: int | None = None,
+        *,
+        encoding: str | None = None,
+        errors: str | None = None,
+        newline: str | None = None,
+    ) -> Any:
+        """A file object over the stream, as ``socket.makefile`` gives."""
+        if not set(mode) <= {"r", "w", "b"}:
+            raise ValueError(f"invalid mode {mode!r} (only r, w, b allowed)")
+        writing = "w" in mode
+        reading = "r" in mode or not writing
+        rawmode = ("r" if reading else "") + ("w" if writing else "")
+        raw = socket.SocketIO(self, rawmode)  # type: ignore[arg-type]
+        self._io_refs += 1
+        if buffering is None:
+            buffering = -1
+        if buffering < 0:
+            buffering = io.DEFAULT_BUFFER_SIZE
+        if buffering == 0:
+            if "b" not in mode:
+                raise ValueError("unbuffered streams must be binary")
+            return raw
+        buffer: io.BufferedIOBase
+        if reading and writing:
+            buffer = io.BufferedRWPair(raw, raw, buffering)
+        elif reading:
+            buffer = io.BufferedReader(raw, buffering)
+        else:
+            buffer = io.BufferedWriter(raw, buffering)
+        if "b" in mode:
+            return buffer
+        text = io.TextIOWrapper(buffer, encoding, errors, newline)
+        text.mode = mode  # type: ignore[misc]
+        return text
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+
+    def __enter__(self) -> StreamSocket:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<StreamSocket stream={self._stream_id} {state} peer={self._peername}>"
+
+
+def _as_connection_error(exc: BaseException) -> OSError:
+    if isinstance(exc, OSError):
+        return exc
+    error = ConnectionResetError(str(exc))
+    error.__cause__ = exc
+    return error
+
+
+def _make_socket(transport: StreamTransport, initial: bytes = b"") -> StreamSocket:
+    """Attach a bridge to ``transport`` (taking it over from a handshake's
+    protocol, with the bytes it read ahead); must run on the loop thread."""
+    bridge = _Bridge(transport)
+    bridge.rbuf += initial
+    transport.attach(bridge, replace=True)
+    extra = {
+        "peername": transport.get_extra_info("peername"),
+        "sockname": transport.get_extra_info("sockname"),
+        "stream_id": transport.stream_id,
+    }
+    return StreamSocket(bridge, extra)
+
+
+# --------------------------------------------------------------- the session
+
+
+class BlockingSession:
+    """A :class:`fastnat.aio.MuxSession` driven from ordinary threads."""
+
+    def __init__(self, session: MuxSession) -> None:
+        self._session = session
+
+    @classmethod
+    def connect(
+        cls,
+        host: str,
+        port: int,
+        *,
+        client: bool = True,
+        config: MuxConfig | None = None,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> BlockingSession:
+        """Dial ``host:port`` and start a session."""
+
+        async def go() -> MuxSession:
+            return await MuxSession.connect(host, port, client=client, config=config, **options)
+
+        return cls(run_in_loop(go(), timeout))
+
+    @classmethod
+    def from_socket(
+        cls, sock: socket.socket, *, client: bool, config: MuxConfig | None = None, **options: Any
+    ) -> BlockingSession:
+        """Start a session on a connected socket (ownership passes to the session)."""
+
+        async def go() -> MuxSession:
+            return await MuxSession.from_socket(sock, client=client, config=config, **options)
+
+        return cls(run_in_loop(go()))
+
+    @property
+    def session(self) -> MuxSession:
+        """The asyncio session (it lives on the background loop)."""
+        return self._session
+
+    @property
+    def closed(self) -> bool:
+        return self._session.closed
+
+    def open_stream(self, timeout: float | None = None) -> StreamSocket:
+        async def go() -> StreamSocket:
+            return _make_socket(self._session.open_transport())
+
+        return run_in_loop(go(), timeout)
+
+    def accept_stream(self, timeout: float | None = None) -> StreamSocket:
+        """Wait for the peer to open a stream; TimeoutError after ``timeout``."""
+
+        async def go() -> StreamSocket:
+            return _make_socket(await self._session.accept_transport())
+
+        return run_in_loop(go(), timeout)
+
+    def ping(self, timeout: float | None = None) -> float:
+        return run_in_loop(self._session.ping(timeout))
+
+    def set_error_callback(self, callback: Callable[[MuxSession, str, BaseException], Any] | None) -> None:
+        self._session.set_error_callback(callback)
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Send Go Away, close the connection and wait until it is closed."""
+
+        async def go() -> None:
+            self._session.close()
+            await self._session.wait_closed()
+
+        if loop_thread.running:
+            run_in_loop(go(), timeout)
+
+    def __enter__(self) -> BlockingSession:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<BlockingSession {self._session!r}>"
