@@ -15,6 +15,18 @@ __all__ = [
     "StreamClosedError",
     "StreamLimitError",
     "SessionClosedError",
+    "NATLayerError",
+    "NoForwarderError",
+    "ForwarderUnreachableError",
+    "ForwarderBusyError",
+    "ControlProtocolError",
+    "ProtocolVersionError",
+    "ServerNotFoundError",
+    "ServerBusyError",
+    "ServerRefusedError",
+    "IdTakenError",
+    "AuthenticationError",
+    "NotRegisteredError",
 ]
 
 
@@ -47,3 +59,66 @@ class StreamLimitError(MuxError):
 
 class SessionClosedError(MuxError):
     """No new streams: a Go Away was sent or received."""
+
+
+# ---------------------------------------------------------------- NAT layer
+#
+# The NAT layer's errors subclass OSError, as the Seattle NAT layer raised
+# EnvironmentError (an alias of OSError): ``except EnvironmentError:`` still
+# catches them. Each says what happened and where.
+
+
+class NATLayerError(OSError):
+    """Base class of the NAT layer's errors.
+
+    ``failures`` lists ``(where, exception)`` for every forwarder tried when
+    an operation tried several.
+    """
+
+    def __init__(self, *args: Any, failures: list[tuple[str, BaseException]] | None = None) -> None:
+        super().__init__(*args)
+        self.failures: list[tuple[str, BaseException]] = failures or []
+
+
+class NoForwarderError(NATLayerError):
+    """No forwarder is configured and none was given."""
+
+
+class ForwarderUnreachableError(NATLayerError):
+    """The forwarder could not be reached, or the link to it was lost."""
+
+
+class ForwarderBusyError(NATLayerError):
+    """The forwarder is at a limit (handshakes, servers) and turned us away."""
+
+
+class ControlProtocolError(NATLayerError):
+    """The peer does not speak fastnat's control protocol (or broke it)."""
+
+
+class ProtocolVersionError(ControlProtocolError):
+    """The forwarder speaks none of the protocol versions this side speaks."""
+
+
+class ServerNotFoundError(NATLayerError):
+    """No server with that id is registered at the forwarder (``NO_SERVER``)."""
+
+
+class ServerBusyError(NATLayerError):
+    """The server has as many clients as the forwarder allows (``BSY_SERVER``)."""
+
+
+class ServerRefusedError(NATLayerError):
+    """The server does not listen on that port, or refused the connection (``FAILED``)."""
+
+
+class IdTakenError(NATLayerError):
+    """Another session holds that server id at the forwarder (``ID_TAKEN``)."""
+
+
+class AuthenticationError(NATLayerError):
+    """The forwarder demands proof of the id's secret and it was wrong or missing (``AUTH_FAILED``)."""
+
+
+class NotRegisteredError(NATLayerError):
+    """The id or port is not registered by this session (``NOT_REGISTERED``)."""

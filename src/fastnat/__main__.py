@@ -1,0 +1,5 @@
+"""``python -m fastnat``: the command line."""
+
+from fastnat.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,223 @@
+"""The client side of the NAT layer, for asyncio: reach a server by its id.
+
+A client dials a forwarder, says hello as role ``C`` and sends one request in
+the same write; on ``CONFIRMED`` the same TCP connection is the end-to-end
+byte stream to the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from typing import Any
+
+from fastnat.aio._control import read_message
+from fastnat.errors import ControlProtocolError, ForwarderUnreachableError, NATLayerError
+from fastnat.protocol import (
+    ROLE_CLIENT,
+    HelloReplyReader,
+    Reply,
+    Status,
+    encode_hello,
+    encode_request,
+    hello_error,
+    parse_reply,
+    reply_error,
+)
+from fastnat.settings import choose_forwarders
+
+__all__ = ["open_connection", "request", "external_address", "check_bidirectional", "combine_failures"]
+
+# StreamReader limit of a client connection (as asyncio's default is 64 KiB,
+# a larger one means fewer pauses on fast transfers).
+DEFAULT_LIMIT = 256 * 1024
+
+
+def _where(host: str, port: int) -> str:
+    return f"forwarder {host}:{port}"
+
+
+async def read_hello_reply(reader: asyncio.StreamReader, where: str) -> Any:
+    parser = HelloReplyReader()
+    try:
+        head = await reader.readexactly(HelloReplyReader.max_size() - 255)
+        reply = parser.feed(head)
+        if reply is None:
+            reply = parser.feed(await reader.readexactly(head[-1]))
+    except asyncio.IncompleteReadError:
+        raise ControlProtocolError(f"{where}: the connection closed during the hello") from None
+    except ControlProtocolError as exc:
+        raise ControlProtocolError(f"{where}: {exc}") from None
+    assert reply is not None
+    return reply
+
+
+async def request(
+    host: str,
+    port: int,
+    name: str,
+    value: Any = None,
+    *,
+    timeout: float = 5.0,
+    limit: int = DEFAULT_LIMIT,
+    ssl: Any = None,
+    local_addr: tuple[str, int] | None = None,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Reply]:
+    """Send one client request to a forwarder; returns the connection and the reply.
+
+    ``timeout`` bounds the connect and the handshake. Connection failures
+    raise :class:`ForwarderUnreachableError`.
+    """
+    where = _where(host, port)
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, limit=limit, ssl=ssl, local_addr=local_addr), timeout
+        )
+    except (TimeoutError, asyncio.TimeoutError):
+        raise ForwarderUnreachableError(f"{where}: no connection within {timeout:g} s") from None
+    except OSError as exc:
+        raise ForwarderUnreachableError(f"{where}: {exc.strerror or exc}") from exc
+    try:
+        writer.write(encode_hello(ROLE_CLIENT) + encode_request(1, name, value))
+
+        async def handshake() -> Reply:
+            hello = await read_hello_reply(reader, where)
+            error = hello_error(hello, where)
+            if error is not None:
+                raise error
+            message = await read_message(reader)
+            if message is None:
+                raise ForwarderUnreachableError(f"{where}: the connection closed before the reply")
+            return parse_reply(message)
+
+        try:
+            reply = await asyncio.wait_for(handshake(), timeout)
+        except (TimeoutError, asyncio.TimeoutError):
+            raise ForwarderUnreachableError(f"{where}: no answer within {timeout:g} s") from None
+        except ConnectionError as exc:
+            raise ForwarderUnreachableError(f"{where}: {exc}") from exc
+        except ControlProtocolError as exc:
+            if where in str(exc):
+                raise
+            raise type(exc)(f"{where}: {exc}") from None
+    except BaseException:
+        writer.close()
+        raise
+    return reader, writer, reply
+
+
+def combine_failures(what: str, failures: list[tuple[str, BaseException]]) -> NATLayerError:
+    """One error naming every forwarder's failure (the seed raised one such error)."""
+    if len(failures) == 1:
+        error = failures[0][1]
+        if isinstance(error, NATLayerError):
+            error.failures = list(failures)
+            return error
+    causes = [e for _, e in failures if not isinstance(e, ForwarderUnreachableError)]
+    cls = type(causes[-1]) if causes and isinstance(causes[-1], NATLayerError) else ForwarderUnreachableError
+    detail = "; ".join(str(e) for _, e in failures)
+    return cls(f"{what} failed on every forwarder tried: {detail}", failures=failures)
+
+
+async def open_connection(
+    server_id: str,
+    port: int,
+    *,
+    forwarder: str | tuple[str, int] | None = None,
+    timeout: float = 5.0,
+    limit: int = DEFAULT_LIMIT,
+    ssl: Any = None,
+    local_addr: tuple[str, int] | None = None,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to ``port`` of the server registered as ``server_id``.
+
+    Shaped like :func:`asyncio.open_connection`; the connection is a plain
+    TCP connection to the forwarder, relayed to the server. ``forwarder``
+    names one (``"host:port"``); by default the configured ones are tried in
+    order. Statuses raise their own errors (:mod:`fastnat.errors`).
+    """
+    candidates = _candidates(forwarder)
+    failures: list[tuple[str, BaseException]] = []
+    for host, fport in candidates:
+        try:
+            reader, writer, reply = await request(
+                host,
+                fport,
+                "client_init",
+                {"server": server_id, "port": port},
+                timeout=timeout,
+                limit=limit,
+                ssl=ssl,
+                local_addr=local_addr,
+            )
+        except NATLayerError as exc:
+            failures.append((_where(host, fport), exc))
+            continue
+        if reply.status == Status.CONFIRMED:
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return reader, writer
+        writer.close()
+        failures.append((_where(host, fport), reply_error(reply, f"{server_id!r} port {port} via {_where(host, fport)}")))
+    raise combine_failures(f"connecting to {server_id!r} port {port}", failures)
+
+
+def _candidates(forwarder: str | tuple[str, int] | None) -> list[tuple[str, int]]:
+    if forwarder is None:
+        return choose_forwarders()
+    from fastnat.settings import _parse_one
+
+    return [_parse_one(forwarder)]
+
+
+async def _simple_request(forwarder: str | tuple[str, int] | None, name: str, value: Any, timeout: float) -> Any:
+    failures: list[tuple[str, BaseException]] = []
+    for host, port in _candidates(forwarder):
+        try:
+            _reader, writer, reply = await request(host, port, name, value, timeout=timeout)
+        except NATLayerError as exc:
+            failures.append((_where(host, port), exc))
+            continue
+        writer.close()
+        if reply.status != Status.OK:
+            failures.append((_where(host, port), reply_error(reply, f"{name} at {_where(host, port)}")))
+            continue
+        return reply.value
+    raise combine_failures(name, failures)
+
+
+async def external_address(forwarder: str | tuple[str, int] | None = None, *, timeout: float = 5.0) -> tuple[str, int]:
+    """The address (ip, port) a forwarder sees this host connect from."""
+    value = await _simple_request(forwarder, "externaladdr", None, timeout)
+    return str(value["ip"]), int(value["port"])
+
+
+async def check_bidirectional(
+    local_ip: str, port: int, forwarder: str | tuple[str, int] | None = None, *, timeout: float = 5.0
+) -> bool:
+    """True when this host needs the NAT layer: a forwarder cannot dial
+    ``local_ip:port`` back (the seed's ``nat_check_bi_directional``).
+
+    Listens on ``local_ip:port`` for the forwarder's probe meanwhile.
+    """
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            data = await asyncio.wait_for(reader.read(64), timeout)
+            writer.write(data)
+            await writer.drain()
+        except (OSError, TimeoutError, asyncio.TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+    listener = await asyncio.start_server(echo, local_ip, port)
+    try:
+        value = await _simple_request(forwarder, "bidirectional", {"ip": local_ip, "port": port}, timeout)
+    finally:
+        listener.close()
+        await listener.wait_closed()
+    return not bool(value["reachable"])

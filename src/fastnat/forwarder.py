@@ -1,0 +1,702 @@
+"""The forwarder: a public relay between NAT'd servers and their clients.
+
+One listening port serves both roles, told apart by the hello (see
+:mod:`fastnat.protocol`):
+
+* a **server** (role ``S``) dials out to the forwarder; its TCP connection
+  becomes a multiplexer session (the forwarder is the accepting side). Over
+  the first stream it opens, the control stream, it registers ids and ports.
+* a **client** (role ``C``) sends one request. For ``client_init`` the
+  forwarder opens a stream on the server's session, sends the ``open``
+  request (port, client address) as the stream's first message, waits for the
+  server to accept, answers ``CONFIRMED``, and from then on splices the
+  client's TCP connection and the stream both ways.
+
+A server id belongs to the session holding it; with a secret configured, a
+``reg_serv`` must prove knowledge of it (HMAC over the connection's nonce).
+Bad input on one connection closes that connection with one log line; the
+forwarder keeps serving everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import os
+import secrets as _secrets
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fastnat.aio._control import FirstMessage, read_message
+from fastnat.aio.session import MuxSession
+from fastnat.aio.stream import MuxStream, StreamTransport
+from fastnat.errors import ControlProtocolError, MuxError
+from fastnat.mux_config import MuxConfig
+from fastnat.protocol import (
+    HELLO_SIZE,
+    NONCE_SIZE,
+    PROTOCOL_VERSION,
+    ROLE_CLIENT,
+    ROLE_SERVER,
+    SUPPORTED_VERSIONS,
+    HelloStatus,
+    MessageReader,
+    Request,
+    Status,
+    check_registration_proof,
+    encode_hello_reply,
+    encode_reply,
+    encode_request,
+    parse_hello,
+    parse_reply,
+    parse_request,
+)
+from fastnat.splice import Splice
+
+__all__ = ["Forwarder", "ForwarderLimits", "load_secrets"]
+
+log = logging.getLogger("fastnat.forwarder")
+
+# The test string the forwarder sends back to a caller of ``bidirectional``.
+_ECHO_PROBE_SIZE = 16
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ForwarderLimits:
+    """The forwarder's limits. The seed allowed 5 servers and 4 clients per
+    server; these defaults suit one modern machine."""
+
+    # Server ids registered at this forwarder. Each holds a session (a TCP
+    # connection, its buffers and bookkeeping, tens of KiB): 10,000 fits a
+    # small machine's memory and file-descriptor budget.
+    max_servers: int = 10_000
+    # Concurrent clients per server id: each is a relayed TCP connection and
+    # a stream. 1,024 keeps one popular server from taking all descriptors.
+    max_clients_per_server: int = 1_024
+    # Connections that have not finished their handshake (hello and first
+    # request, or hello and first registration). Bounds what a flood of idle
+    # connections costs.
+    max_pending_handshakes: int = 1_024
+    # A peer that connects and does not finish its handshake in this time is
+    # dropped. 10 s is ample on any link.
+    handshake_timeout: float = 10.0
+    # How long a server may take to accept a client's stream.
+    open_timeout: float = 10.0
+    # Control messages are capped at this size (see protocol.MAX_MESSAGE_SIZE).
+    max_message_size: int = 64 * 1024
+    # Ports one id may register: a server exposes a handful of services.
+    max_ports_per_server: int = 256
+    # ``bidirectional`` dials back to the caller with this timeout.
+    dial_back_timeout: float = 3.0
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"ForwarderLimits.{field.name} must be a positive number, got {value!r}")
+
+
+def load_secrets(path: str | os.PathLike[str]) -> dict[str, bytes]:
+    """Read a file of per-id secrets: one ``id secret`` pair per line; ``#`` starts a comment."""
+    table: dict[str, bytes] = {}
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split(None, 1)
+        if len(parts) != 2:
+            raise ValueError(f"{path}:{number}: expected 'id secret'")
+        table[parts[0]] = parts[1].strip().encode()
+    return table
+
+
+class _Counters:
+    """Counters in total and per server id, for ``stats``."""
+
+    def __init__(self) -> None:
+        self.sessions_total = 0
+        self.clients_total = 0
+        self.clients_active = 0
+        self.bytes_client_to_server = 0
+        self.bytes_server_to_client = 0
+        self.refusals: collections.Counter[str] = collections.Counter()
+        self.per_server: dict[str, dict[str, int]] = {}
+
+    def server(self, server_id: str) -> dict[str, int]:
+        entry = self.per_server.get(server_id)
+        if entry is None:
+            entry = self.per_server[server_id] = {
+                "clients_active": 0,
+                "clients_total": 0,
+                "bytes_client_to_server": 0,
+                "bytes_server_to_client": 0,
+                "refusals": 0,
+            }
+        return entry
+
+    def refuse(self, reason: str, server_id: str | None = None) -> None:
+        self.refusals[reason] += 1
+        if server_id is not None and server_id in self.per_server:
+            self.per_server[server_id]["refusals"] += 1
+
+
+class _ServerLink:
+    """One server's session and the ids and ports it holds."""
+
+    def __init__(self, forwarder: Forwarder, session: MuxSession, nonce: bytes, peer: tuple[str, int]) -> None:
+        self.forwarder = forwarder
+        self.session = session
+        self.nonce = nonce
+        self.peer = peer
+        self.ids: dict[str, set[int]] = {}
+        self.clients: collections.Counter[str] = collections.Counter()
+        self.task: asyncio.Task[None] | None = None
+        # Counted among the forwarder's pending handshakes until it registers an id.
+        self.pending = True
+
+    def handshake_over(self) -> None:
+        if self.pending:
+            self.pending = False
+            self.forwarder._handshake_done()
+
+    def __repr__(self) -> str:
+        return f"<server link {self.peer[0]}:{self.peer[1]} ids={sorted(self.ids)}>"
+
+    async def run(self) -> None:
+        fwd = self.forwarder
+        limits = fwd.limits
+        session = self.session
+        try:
+            try:
+                control = await asyncio.wait_for(session.accept_stream(), limits.handshake_timeout)
+            except (TimeoutError, asyncio.TimeoutError):
+                fwd._drop(self.peer, "server opened no control stream in time", "handshake_timeout")
+                return
+            # Streams the server opens after its control stream are not ours to take.
+            extra = asyncio.get_running_loop().create_task(self._refuse_extra_streams())
+            try:
+                await self._serve_control(control)
+            finally:
+                extra.cancel()
+        except ConnectionError as exc:
+            log.info("server %s:%d disconnected: %s", self.peer[0], self.peer[1], exc)
+        except ControlProtocolError as exc:
+            fwd._drop(self.peer, f"bad control message from a server: {exc}")
+        except Exception:
+            log.exception("server link %r failed", self)
+        finally:
+            fwd._server_gone(self)
+            session.close()
+
+    async def _refuse_extra_streams(self) -> None:
+        try:
+            async for stream in self.session:
+                stream.abort()
+        except ConnectionError:
+            pass
+
+    async def _serve_control(self, control: MuxStream) -> None:
+        fwd = self.forwarder
+        limits = fwd.limits
+        registered_in_time = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limits.handshake_timeout
+        while True:
+            if not registered_in_time:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    fwd._drop(self.peer, "server registered no id in time", "handshake_timeout")
+                    return
+                try:
+                    message = await asyncio.wait_for(read_message(control.reader, limits.max_message_size), remaining)
+                except (TimeoutError, asyncio.TimeoutError):
+                    fwd._drop(self.peer, "server registered no id in time", "handshake_timeout")
+                    return
+            else:
+                message = await read_message(control.reader, limits.max_message_size)
+            if message is None:
+                return  # the server closed its control stream: it is leaving
+            request = parse_request(message)
+            status, value = self._handle(request)
+            control.write(encode_reply(request.id, status, value))
+            await control.drain()
+            if status == Status.OK and request.request == "reg_serv" and not registered_in_time:
+                registered_in_time = True
+                self.handshake_over()
+
+    def _handle(self, request: Request) -> tuple[str, Any]:
+        fwd = self.forwarder
+        name, value = request.request, request.value
+        if name == "reg_serv":
+            return fwd._register(self, value["server"], value.get("proof"))
+        if name == "dereg_serv":
+            server_id = value["server"]
+            if server_id not in self.ids:
+                return Status.NOT_REGISTERED, f"{server_id!r} is not registered by this session"
+            fwd._deregister(self, server_id)
+            return Status.OK, None
+        if name in ("reg_port", "dereg_port"):
+            server_id, port = value["server"], value["port"]
+            ports = self.ids.get(server_id)
+            if ports is None:
+                return Status.NOT_REGISTERED, f"{server_id!r} is not registered by this session"
+            if name == "reg_port":
+                if port not in ports and len(ports) >= fwd.limits.max_ports_per_server:
+                    fwd.counters.refuse("ports_full", server_id)
+                    return Status.FULL, f"at most {fwd.limits.max_ports_per_server} ports per server"
+                ports.add(port)
+            else:
+                if port not in ports:
+                    return Status.NOT_REGISTERED, f"port {port} is not registered for {server_id!r}"
+                ports.discard(port)
+            return Status.OK, None
+        if name == "externaladdr":
+            return Status.OK, {"ip": self.peer[0], "port": self.peer[1]}
+        if name == "stats":
+            return Status.OK, fwd.stats()
+        raise ControlProtocolError(f"request {name!r} is not for a server's control stream")
+
+
+class _Handshake(asyncio.Protocol):
+    """A new connection, until its role is known and its handshake done."""
+
+    def __init__(self, forwarder: Forwarder) -> None:
+        self.fwd = forwarder
+        self.transport: asyncio.Transport | None = None
+        self.peer: tuple[str, int] = ("?", 0)
+        self.buffer = bytearray()
+        self.role: bytes | None = None
+        self.reader: MessageReader | None = None
+        self.nonce = b""
+        self.timer: asyncio.TimerHandle | None = None
+        self.pending = False  # counted in the forwarder's pending handshakes
+        self.lost = False
+        self.busy = False  # a request is being served
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = (peer[0], peer[1]) if peer else ("?", 0)
+        fwd = self.fwd
+        if fwd._closing:
+            transport.close()
+            return
+        if fwd._pending_handshakes >= fwd.limits.max_pending_handshakes:
+            fwd.counters.refuse("handshakes_full")
+            log.warning("refusing %s:%d: %d handshakes pending", *self.peer, fwd._pending_handshakes)
+            self.transport.write(encode_hello_reply(HelloStatus.BUSY, 0, bytes(NONCE_SIZE)))
+            transport.close()
+            return
+        fwd._pending_handshakes += 1
+        self.pending = True
+        self.timer = asyncio.get_running_loop().call_later(fwd.limits.handshake_timeout, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        self._close(f"no handshake within {self.fwd.limits.handshake_timeout:g} s", "handshake_timeout")
+
+    def _close(self, reason: str, counter: str = "bad_input") -> None:
+        self.fwd._drop(self.peer, reason, counter)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.abort()
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.pending:
+            self.pending = False
+            self.fwd._handshake_done()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._received(data)
+        except ControlProtocolError as exc:
+            self._close(str(exc))
+
+    def _received(self, data: bytes) -> None:
+        assert self.transport is not None
+        if self.busy:
+            self.buffer += data  # bytes a client sent ahead; relayed after CONFIRMED
+            return
+        if self.role is None:
+            self.buffer += data
+            if len(self.buffer) < HELLO_SIZE:
+                if self.buffer[: len(self.buffer)] != b"FNAT"[: len(self.buffer)]:
+                    raise ControlProtocolError(f"not a fastnat hello (starts with {bytes(self.buffer[:4])!r})")
+                return
+            hello = parse_hello(bytes(self.buffer[:HELLO_SIZE]))
+            rest = bytes(self.buffer[HELLO_SIZE:])
+            self.buffer.clear()
+            if hello.version not in SUPPORTED_VERSIONS:
+                self.transport.write(encode_hello_reply(HelloStatus.VERSION_UNSUPPORTED, 0, bytes(NONCE_SIZE)))
+                self._close(f"protocol version {hello.version} (this forwarder speaks {list(SUPPORTED_VERSIONS)})", "version")
+                return
+            if hello.role not in (ROLE_SERVER, ROLE_CLIENT):
+                self.transport.write(encode_hello_reply(HelloStatus.BAD_ROLE, 0, bytes(NONCE_SIZE)))
+                self._close(f"unknown role {hello.role!r}")
+                return
+            self.role = hello.role
+            self.nonce = _secrets.token_bytes(NONCE_SIZE)
+            self.transport.write(encode_hello_reply(HelloStatus.OK, PROTOCOL_VERSION, self.nonce))
+            if self.role == ROLE_SERVER:
+                self._become_server(rest)
+                return
+            self.reader = MessageReader(self.fwd.limits.max_message_size)
+            data = rest
+        assert self.reader is not None
+        messages = self.reader.feed(data, limit=1)
+        if not messages:
+            return
+        request = parse_request(messages[0])
+        # Whatever came after the request is the client's first data.
+        self.buffer += self.reader.take_rest()
+        self.busy = True
+        self.transport.pause_reading()
+        asyncio.get_running_loop().create_task(self.fwd._serve_client(self, request))
+
+    def _become_server(self, rest: bytes) -> None:
+        assert self.transport is not None
+        fwd = self.fwd
+        self.busy = True
+        session = MuxSession.from_transport(
+            self.transport,
+            client=False,
+            config=fwd.mux_config,
+            initial_data=rest,
+            **fwd.session_options,
+        )
+        link = _ServerLink(fwd, session, self.nonce, self.peer)
+        # The pending handshake passes to the link, which releases it once
+        # the server registers an id (or fails to in time).
+        self.pending = False
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        fwd._server_connected(link)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._finish()
+
+
+class Forwarder:
+    """A forwarder on ``host:port`` (port 0 picks a free one).
+
+    ``secret`` (bytes) demands proof of it from every ``reg_serv``;
+    ``secrets`` maps ids to their own secrets (see :func:`load_secrets`).
+    """
+
+    def __init__(
+        self,
+        host: str | None = "0.0.0.0",
+        port: int = 0,
+        *,
+        limits: ForwarderLimits | None = None,
+        secret: bytes | str | None = None,
+        secrets: Mapping[str, bytes | str] | None = None,
+        mux_config: MuxConfig | None = None,
+        ssl: Any = None,
+        **session_options: Any,
+    ) -> None:
+        self.host = host
+        self.requested_port = port
+        self.limits = limits or ForwarderLimits()
+        self.secret = secret.encode() if isinstance(secret, str) else secret
+        self.secrets = None if secrets is None else {k: (v.encode() if isinstance(v, str) else v) for k, v in secrets.items()}
+        self.mux_config = mux_config
+        self.ssl = ssl
+        self.session_options = session_options
+        self.counters = _Counters()
+        self._server: asyncio.Server | None = None
+        self._servers: dict[str, _ServerLink] = {}
+        self._links: set[_ServerLink] = set()
+        self._splices: set[Splice] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._pending_handshakes = 0
+        self._closing = False
+
+    # ------------------------------------------------------------- running
+
+    async def start(self) -> None:
+        """Start listening."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Handshake(self), self.host, self.requested_port, ssl=self.ssl)
+        log.info("forwarder listening on %s", ", ".join(f"{a[0]}:{a[1]}" for a in self.addresses))
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        if self._server is None:
+            return []
+        return [s.getsockname()[:2] for s in self._server.sockets]
+
+    @property
+    def port(self) -> int:
+        """The port it listens on (after :meth:`start`)."""
+        return self.addresses[0][1]
+
+    async def serve_forever(self) -> None:
+        if self._server is None:
+            await self.start()
+        assert self._server is not None
+        try:
+            await self._server.serve_forever()
+        except asyncio.CancelledError:
+            pass
+
+    def close(self) -> None:
+        """Stop listening; close every server session and relayed connection."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        for splice in list(self._splices):
+            splice.close()
+        for link in list(self._links):
+            link.session.close()
+
+    async def wait_closed(self) -> None:
+        if self._server is not None:
+            await self._server.wait_closed()
+        for link in list(self._links):
+            await link.session.wait_closed()
+        tasks = [t for t in self._tasks if not t.done()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+
+    async def __aenter__(self) -> Forwarder:
+        if self._server is None:
+            await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+        await self.wait_closed()
+
+    # ---------------------------------------------------------------- stats
+
+    def stats(self) -> dict[str, Any]:
+        """Counters, as the ``stats`` request returns them."""
+        c = self.counters
+        per_server = {}
+        for server_id, link in self._servers.items():
+            entry = dict(c.server(server_id))
+            entry["ports"] = sorted(link.ids.get(server_id, ()))
+            entry["address"] = f"{link.peer[0]}:{link.peer[1]}"
+            per_server[server_id] = entry
+        return {
+            "servers": len(self._servers),
+            "sessions": len(self._links),
+            "sessions_total": c.sessions_total,
+            "clients_active": c.clients_active,
+            "clients_total": c.clients_total,
+            "bytes_client_to_server": c.bytes_client_to_server,
+            "bytes_server_to_client": c.bytes_server_to_client,
+            "pending_handshakes": self._pending_handshakes,
+            "refusals": dict(c.refusals),
+            "per_server": per_server,
+        }
+
+    # ------------------------------------------------------------ internals
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _drop(self, peer: tuple[str, int], reason: str, counter: str = "bad_input") -> None:
+        log.warning("closing connection from %s:%s: %s", peer[0], peer[1], reason)
+        self.counters.refuse(counter)
+
+    def _handshake_done(self) -> None:
+        self._pending_handshakes -= 1
+
+    def _server_connected(self, link: _ServerLink) -> None:
+        self._links.add(link)
+        self.counters.sessions_total += 1
+        link.task = self._spawn(link.run())
+
+    def _server_gone(self, link: _ServerLink) -> None:
+        link.handshake_over()
+        for server_id in list(link.ids):
+            self._deregister(link, server_id)
+        if link in self._links:
+            self._links.discard(link)
+
+    def _secret_for(self, server_id: str) -> bytes | None:
+        if self.secrets is not None and server_id in self.secrets:
+            return self.secrets[server_id]
+        return self.secret
+
+    def _register(self, link: _ServerLink, server_id: str, proof: Any) -> tuple[str, Any]:
+        if self.secret is not None or self.secrets is not None:
+            secret = self._secret_for(server_id)
+            if secret is None or not check_registration_proof(secret, link.nonce, server_id, proof):
+                why = "no secret is known for this id" if secret is None else "wrong or missing proof"
+                log.warning("refused reg_serv %r from %s:%d: %s", server_id, link.peer[0], link.peer[1], why)
+                self.counters.refuse("auth_failed")
+                return Status.AUTH_FAILED, f"registration of {server_id!r} refused: {why}"
+        holder = self._servers.get(server_id)
+        if holder is not None and holder is not link:
+            self.counters.refuse("id_taken")
+            return Status.ID_TAKEN, f"{server_id!r} is held by another session"
+        if holder is None:
+            if len(self._servers) >= self.limits.max_servers:
+                self.counters.refuse("servers_full")
+                return Status.FULL, f"this forwarder holds its maximum of {self.limits.max_servers} servers"
+            self._servers[server_id] = link
+            link.ids[server_id] = set()
+            self.counters.server(server_id)
+            log.info("registered %r from %s:%d", server_id, link.peer[0], link.peer[1])
+        return Status.OK, None
+
+    def _deregister(self, link: _ServerLink, server_id: str) -> None:
+        link.ids.pop(server_id, None)
+        if self._servers.get(server_id) is link:
+            del self._servers[server_id]
+            self.counters.per_server.pop(server_id, None)
+            log.info("deregistered %r", server_id)
+
+    async def _serve_client(self, hs: _Handshake, request: Request) -> None:
+        """Serve a client's one request; for client_init, relay until done."""
+        transport = hs.transport
+        assert transport is not None
+        keep = False
+        try:
+            name = request.request
+            if name == "client_init":
+                keep = await self._client_init(hs, request)
+            elif name == "externaladdr":
+                transport.write(encode_reply(request.id, Status.OK, {"ip": hs.peer[0], "port": hs.peer[1]}))
+            elif name == "bidirectional":
+                reachable = await self._dial_back(hs.peer[0], request.value["ip"], request.value["port"])
+                transport.write(encode_reply(request.id, Status.OK, {"reachable": reachable, "seen": hs.peer[0]}))
+            elif name == "stats":
+                transport.write(encode_reply(request.id, Status.OK, self.stats()))
+            else:
+                self._drop(hs.peer, f"request {name!r} is not for a client connection")
+                transport.abort()
+                return
+        except Exception:
+            log.exception("serving %s from %s:%d failed", request.request, *hs.peer)
+            transport.abort()
+        finally:
+            hs._finish()
+            if not keep and not transport.is_closing():
+                transport.close()
+
+    async def _client_init(self, hs: _Handshake, request: Request) -> bool:
+        """Connect the client to the server; True once the splice runs."""
+        transport = hs.transport
+        assert transport is not None
+        server_id, port = request.value["server"], request.value["port"]
+        link = self._servers.get(server_id)
+
+        def answer(status: str, reason: str, detail: str) -> bool:
+            self.counters.refuse(reason, server_id)
+            transport.write(encode_reply(request.id, status, detail))
+            return False
+
+        if link is None:
+            return answer(Status.NO_SERVER, "no_server", f"no server {server_id!r} is registered here")
+        if port not in link.ids.get(server_id, ()):
+            return answer(Status.FAILED, "no_port", f"{server_id!r} does not listen on port {port}")
+        if link.clients[server_id] >= self.limits.max_clients_per_server:
+            return answer(Status.BSY_SERVER, "busy", f"{server_id!r} has its maximum of {self.limits.max_clients_per_server} clients")
+        link.clients[server_id] += 1
+        per = self.counters.server(server_id)
+        try:
+            try:
+                stream = link.session.open_transport()
+            except (ConnectionError, MuxError) as exc:
+                return answer(Status.FAILED, "server_gone", f"the server's session is gone ({exc})")
+            opener = FirstMessage(self.limits.max_message_size)
+            stream.attach(opener)
+            stream.write(
+                encode_request(0, "open", {"server": server_id, "port": port, "client": [hs.peer[0], hs.peer[1]]})
+            )
+            try:
+                message = await asyncio.wait_for(asyncio.shield(opener.message), self.limits.open_timeout)
+                reply = parse_reply(message)
+            except (TimeoutError, asyncio.TimeoutError):
+                stream.abort()
+                return answer(Status.FAILED, "open_timeout", f"{server_id!r} did not accept within {self.limits.open_timeout:g} s")
+            except (ConnectionError, ControlProtocolError) as exc:
+                stream.abort()
+                return answer(Status.FAILED, "refused", f"{server_id!r} did not accept: {exc}")
+            if reply.status != Status.ACCEPTED:
+                stream.close()
+                return answer(Status.FAILED, "refused", f"{server_id!r} refused the connection ({reply.value})")
+            if hs.lost or transport.is_closing():
+                stream.abort()
+                return False
+            transport.write(encode_reply(request.id, Status.CONFIRMED, None))
+            self.counters.clients_total += 1
+            self.counters.clients_active += 1
+            per["clients_total"] += 1
+            per["clients_active"] += 1
+            splice = Splice(
+                transport,
+                stream,
+                initial_a=bytes(hs.buffer),
+                initial_b=bytes(opener.rest),
+                on_bytes=lambda direction, n: self._count_bytes(server_id, direction, n),
+            )
+            hs.buffer.clear()
+            transport.resume_reading()
+            stream.resume_reading()
+            self._splices.add(splice)
+            hs._finish()
+            try:
+                await splice.done
+            finally:
+                self._splices.discard(splice)
+                self.counters.clients_active -= 1
+                per["clients_active"] -= 1
+            return True
+        finally:
+            link.clients[server_id] -= 1
+            if link.clients[server_id] <= 0:
+                del link.clients[server_id]
+
+    def _count_bytes(self, server_id: str, direction: str, n: int) -> None:
+        key = "bytes_client_to_server" if direction == "a>b" else "bytes_server_to_client"
+        setattr(self.counters, key, getattr(self.counters, key) + n)
+        entry = self.counters.per_server.get(server_id)
+        if entry is not None:
+            entry[key] += n
+
+    async def _dial_back(self, seen_ip: str, claimed_ip: str, port: int) -> bool:
+        """The seed's bidirectional check: is ``seen_ip:port`` reachable from here?
+
+        Only the address the request came from is ever dialled, never one
+        the caller names; ``claimed_ip`` only decides whether to try.
+        """
+        if claimed_ip != seen_ip:
+            return False  # an address translator is in the way
+        probe = _secrets.token_bytes(_ECHO_PROBE_SIZE)
+        timeout = self.limits.dial_back_timeout
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(seen_ip, port), timeout)
+        except (OSError, TimeoutError, asyncio.TimeoutError):
+            return False
+        try:
+            writer.write(probe)
+            await asyncio.wait_for(writer.drain(), timeout)
+            echoed = await asyncio.wait_for(reader.readexactly(len(probe)), timeout)
+            return echoed == probe
+        except (OSError, TimeoutError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+            return False
+        finally:
+            writer.close()
+            try:
+                await asyncio.wait_for(writer.wait_closed(), timeout)
+            except (OSError, TimeoutError, asyncio.TimeoutError):
+                pass
+

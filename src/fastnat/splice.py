@@ -1,0 +1,171 @@
+"""Splice two asyncio transports together, both ways, with backpressure.
+
+The relay's core: a client's TCP connection on one side, a multiplexed stream
+on the other (or any two transports). Bytes read on one side are written to
+the other as they come; when a side's write buffer fills, reading stops on the
+other side (for a stream, that withholds window credit from the peer), so a
+splice never buffers more than the transports' own limits. A FIN on one side
+becomes a FIN on the other (half-close both ways), a reset becomes an abort,
+and when both directions are done both transports are closed.
+
+Reads from a TCP side go into a reusable buffer (``recv_into``), never into a
+fresh bytes object per read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from fastnat._buffers import ReadBuffer
+
+__all__ = ["Splice", "SPLICE_READ_BUFFER"]
+
+log = logging.getLogger("fastnat.splice")
+
+# Reads from a TCP side: one recv_into of up to this many bytes, handed to
+# the other side in one write (a stream takes it as 64 KiB frames).
+SPLICE_READ_BUFFER = 256 * 1024
+
+
+class _End(asyncio.BufferedProtocol):
+    """One side of a splice: what it reads goes to the other side's transport."""
+
+    # Whatever this end receives is written to the other transport at once;
+    # the transport copies (or, under uvloop, holds a view, which ReadBuffer
+    # and the session's buffers respect), so memoryviews are safe here.
+    _fastnat_accepts_views = True
+
+    def __init__(self, splice: Splice, name: str) -> None:
+        self.splice = splice
+        self.name = name
+        self.transport: asyncio.Transport | None = None
+        self.other: _End | None = None
+        self.buffer: ReadBuffer | None = None
+        self.eof = False  # this side sent its FIN (read EOF)
+        self.lost = False
+        self.bytes_in = 0
+
+    # reading this side
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.buffer is None:
+            self.buffer = ReadBuffer(SPLICE_READ_BUFFER)
+        return self.buffer.get()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        assert self.buffer is not None
+        self._forward(self.buffer.filled(nbytes))
+
+    def data_received(self, data: Any) -> None:
+        self._forward(data)
+
+    def _forward(self, data: Any) -> None:
+        other = self.other
+        assert other is not None and other.transport is not None
+        self.bytes_in += len(data)
+        if not other.lost:
+            other.transport.write(data)
+        self.splice._count(self.name, len(data))
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        other = self.other
+        assert other is not None
+        if other.transport is not None and not other.lost:
+            if other.transport.can_write_eof():
+                other.transport.write_eof()
+            else:
+                other.transport.close()
+        self.splice._maybe_done()
+        return True  # keep our write direction open
+
+    # writing this side: backpressure onto the other side's reading
+    def pause_writing(self) -> None:
+        other = self.other
+        if other is not None and other.transport is not None and not other.lost:
+            other.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        other = self.other
+        if other is not None and other.transport is not None and not other.lost:
+            other.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        other = self.other
+        assert other is not None
+        if other.transport is not None and not other.lost:
+            if exc is not None:
+                other.transport.abort()  # a reset becomes an abort
+            else:
+                other.transport.close()  # after what is buffered for it
+        self.splice._end_lost(self, exc)
+
+
+class Splice:
+    """Relay between transports ``a`` and ``b`` until both directions end.
+
+    Both transports must be open. ``initial_a``/``initial_b`` are bytes
+    already read from ``a``/``b`` (after a handshake) that go to the other
+    side first. ``on_bytes(direction, n)``
+    counts traffic (``"a>b"`` / ``"b>a"``); ``done`` resolves when both
+    transports are lost, with the first error seen or None.
+    """
+
+    def __init__(
+        self,
+        a: asyncio.Transport,
+        b: asyncio.Transport,
+        *,
+        initial_a: bytes = b"",
+        initial_b: bytes = b"",
+        on_bytes: Callable[[str, int], None] | None = None,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[BaseException | None] = loop.create_future()
+        self._on_bytes = on_bytes
+        self._error: BaseException | None = None
+        self.end_a = _End(self, "a>b")
+        self.end_b = _End(self, "b>a")
+        self.end_a.other, self.end_b.other = self.end_b, self.end_a
+        self.end_a.transport, self.end_b.transport = a, b
+        for end, transport, initial in ((self.end_a, a, initial_a), (self.end_b, b, initial_b)):
+            if initial:
+                end._forward(memoryview(initial))
+        # Take over both transports (the caller made sure both are open);
+        # everything they deliver from now on follows the initial bytes.
+        a.set_protocol(self.end_a)
+        b.set_protocol(self.end_b)
+
+    @property
+    def bytes_a_to_b(self) -> int:
+        return self.end_a.bytes_in
+
+    @property
+    def bytes_b_to_a(self) -> int:
+        return self.end_b.bytes_in
+
+    def close(self) -> None:
+        """Abort both sides."""
+        for end in (self.end_a, self.end_b):
+            if end.transport is not None and not end.lost:
+                end.transport.abort()
+
+    def _count(self, direction: str, n: int) -> None:
+        if self._on_bytes is not None:
+            self._on_bytes(direction, n)
+
+    def _maybe_done(self) -> None:
+        a, b = self.end_a, self.end_b
+        if a.eof and b.eof:
+            for end in (a, b):
+                if end.transport is not None and not end.lost:
+                    end.transport.close()
+
+    def _end_lost(self, end: _End, exc: BaseException | None) -> None:
+        if exc is not None and self._error is None:
+            self._error = exc
+        if self.end_a.lost and self.end_b.lost and not self.done.done():
+            self.done.set_result(self._error)
