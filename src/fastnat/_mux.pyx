@@ -917,11 +917,13 @@ cdef class Session:
         if stream is None:
             self._payload_buf = None
         else:
+            # Reuse the last frame's buffer unless a view of it is still
+            # alive. A new one starts at what this chunk holds and grows as
+            # the payload arrives: a 12-byte header must not make the engine
+            # allocate a whole window's worth up front.
             buf = self._frame_buf
             if buf is None or _exports(buf) > 0:
-                buf = PyByteArray_FromStringAndSize(NULL, length)
-            elif len(buf) < length:
-                PyByteArray_Resize(buf, length)
+                buf = PyByteArray_FromStringAndSize(NULL, min(length, n - pos))
             self._payload_buf = buf
         return self._continue_payload(p, pos, n, events)
 
@@ -931,7 +933,16 @@ cdef class Session:
         if take > self._payload_left:
             take = <Py_ssize_t>self._payload_left
         buf = self._payload_buf
+        cdef Py_ssize_t need, grow
         if buf is not None:
+            need = self._payload_have + take
+            if len(buf) < need:
+                grow = 2 * len(buf)
+                if grow < need:
+                    grow = need
+                if grow > self._payload_size:
+                    grow = self._payload_size
+                PyByteArray_Resize(buf, grow)
             memcpy(PyByteArray_AS_STRING(buf) + self._payload_have, p + pos, take)
             self._payload_have += take
         self._payload_left -= take

@@ -120,7 +120,6 @@ class Session:
         self._header = bytearray()
         self._payload_left = 0
         self._payload_buf: bytearray | None = None
-        self._payload_have = 0
         self._payload_stream: _Stream | None = None
         self._payload_fin = False
 
@@ -617,17 +616,16 @@ class Session:
         self._payload_left = length
         self._payload_stream = stream
         self._payload_fin = bool(flags & _FIN)
-        self._payload_have = 0
-        self._payload_buf = bytearray(length) if stream is not None else None
+        # Grown as the payload arrives, not allocated up front: a 12-byte
+        # header must not make the engine allocate a whole window's worth.
+        self._payload_buf = bytearray() if stream is not None else None
         return self._continue_payload(view, pos, n, events)
 
     def _continue_payload(self, view: memoryview, pos: int, n: int, events: list[Any]) -> int:
         take = min(self._payload_left, n - pos)
         buf = self._payload_buf
         if buf is not None:
-            have = self._payload_have
-            buf[have : have + take] = view[pos : pos + take]
-            self._payload_have = have + take
+            buf += view[pos : pos + take]
         self._payload_left -= take
         if self._payload_left == 0:
             stream = self._payload_stream
