@@ -13,6 +13,7 @@ import asyncio
 import logging
 import socket
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -23,7 +24,7 @@ from fastnat.aio.stream import MuxStream, StreamTransport
 from fastnat.errors import MuxError, ProtocolError, SessionClosedError
 from fastnat.mux_config import MuxConfig
 
-__all__ = ["MuxSession", "ErrorCallback", "start_session_server"]
+__all__ = ["MuxSession", "ErrorCallback", "start_session_server", "live_sessions"]
 
 log = logging.getLogger("fastnat.aio")
 
@@ -55,8 +56,23 @@ TCP_WRITE_HIGH_WATER = 1024 * 1024
 TCP_WRITE_LOW_WATER = 256 * 1024
 # A stream's StreamReader buffers up to twice this before it pauses reading.
 DEFAULT_STREAM_READ_LIMIT = 256 * 1024
+# Queued output is written at once when it reaches this size; smaller writes
+# are coalesced until the end of the loop iteration. Without it a writer that
+# has window credit (drain() does not yield then) would fill a whole window
+# in memory before the kernel saw a byte, and sender and receiver would take
+# turns instead of working at the same time.
+EAGER_FLUSH_SIZE = 64 * 1024
 
 _GO_AWAY_NAMES = {0: "normal", 1: "protocol error", 2: "internal error"}
+
+# Every session not yet garbage-collected, so that the blocking API can close
+# the ones on its loop at interpreter exit.
+_live: weakref.WeakSet[MuxSession] = weakref.WeakSet()
+
+
+def live_sessions() -> list[MuxSession]:
+    """The sessions of this process that still exist (open or not)."""
+    return list(_live)
 
 
 class MuxSession(asyncio.BufferedProtocol):
@@ -112,6 +128,7 @@ class MuxSession(asyncio.BufferedProtocol):
         self._error: BaseException | None = None
         self._error_callback: ErrorCallback | None = None
         self._connected: asyncio.Future[None] = self._loop.create_future()
+        _live.add(self)
 
     # ------------------------------------------------------------ constructors
 
@@ -255,6 +272,13 @@ class MuxSession(asyncio.BufferedProtocol):
         finally:
             self._pings.pop(opaque, None)
 
+    def go_away(self) -> None:
+        """Refuse new streams from now on (a Go Away goes to the peer, which
+        may open no more either); streams already open carry on."""
+        if self._error is None and not self._closed.done():
+            self._engine.go_away(0)
+            self._flush()
+
     def close(self) -> None:
         """Send Go Away and close the connection (after what is queued)."""
         if self._closing or self._closed.done():
@@ -298,6 +322,16 @@ class MuxSession(asyncio.BufferedProtocol):
             pass
         if not self._connected.done():
             self._connected.set_result(None)
+        # Measure the round trip at once: receive windows auto-tune from it
+        # (without an RTT they stay at their initial size until the first
+        # keepalive ping, which limits a stream to a window per round trip).
+        try:
+            opaque = self._engine.ping()
+        except MuxError:
+            pass
+        else:
+            self._pings[opaque] = (time.monotonic(), None)
+            self._flush()
         self._start_keepalive()
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -423,9 +457,13 @@ class MuxSession(asyncio.BufferedProtocol):
         return transport
 
     def _send_data(self, stream_id: int, data: Any) -> int:
-        taken: int = self._engine.send_data(stream_id, data)
+        engine = self._engine
+        taken: int = engine.send_data(stream_id, data)
         if taken:
-            self._schedule_flush()
+            if engine.bytes_to_send >= EAGER_FLUSH_SIZE:
+                self._flush()
+            else:
+                self._schedule_flush()
         return taken
 
     def _acknowledge(self, stream_id: int, n: int) -> None:

@@ -14,15 +14,18 @@ Backpressure:
   (``drain()`` waits) while anything waits — for window credit, or because
   the session's TCP connection is itself above its high-water mark;
 * reading: data is acknowledged to the peer only once the protocol has taken
-  it. A protocol that pauses reading (``StreamReader`` does when its buffer is
-  full) stops the acknowledgements, the peer's window runs out, and that one
-  stream stops while the others carry on.
+  it. A protocol that pauses reading stops the acknowledgements, the peer's
+  window runs out, and that one stream stops while the others carry on.
+  :class:`MuxStream` goes further: its reader acknowledges data as the
+  application *reads* it, so the window alone bounds what it buffers and the
+  transport never has to hold data back for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -37,9 +40,6 @@ log = logging.getLogger("fastnat.aio")
 # stream's send window has taken everything written, so a stream never
 # buffers more than one write beyond its window.
 DEFAULT_WRITE_HIGH_WATER = 0
-# Chunk size for handing buffered received data to a protocol: small enough
-# that a StreamReader can pause us between chunks, large enough to be cheap.
-_DELIVERY_CHUNK = 256 * 1024
 # asyncio transports warn after this many writes to a lost connection.
 _LOST_WRITE_WARNINGS = 5
 
@@ -56,6 +56,11 @@ class StreamTransport(asyncio.Transport):
         # Protocols of ours that copy what they get at once may be handed
         # memoryviews; any other protocol gets bytes, as from a TCP transport.
         self._views_ok = False
+        # A protocol that acknowledges data itself, as it is consumed
+        # (MuxStream's reader), instead of on delivery.
+        self._self_acking = False
+        # An asyncio.BufferedProtocol gets data through get_buffer/buffer_updated.
+        self._buffered = False
         # write side
         self._send_pending = bytearray()
         self._high_water = DEFAULT_WRITE_HIGH_WATER
@@ -64,8 +69,10 @@ class StreamTransport(asyncio.Transport):
         self._eof_requested = False  # write_eof() or close() asked for a FIN
         self._eof_sent = False  # the FIN is queued in the engine
         self._lost_writes = 0
-        # read side
-        self._recv_pending = bytearray()
+        # read side: data held back while reading is paused (or before a
+        # protocol is attached), as chunks: one copy in, none out
+        self._recv_pending: deque[bytes] = deque()
+        self._recv_pending_size = 0
         self._recv_eof = False  # the peer's FIN arrived
         self._recv_eof_delivered = False
         self._reading_paused = False
@@ -99,6 +106,8 @@ class StreamTransport(asyncio.Transport):
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self._protocol = protocol
         self._views_ok = bool(getattr(protocol, "_fastnat_accepts_views", False))
+        self._self_acking = bool(getattr(protocol, "_fastnat_self_acking", False))
+        self._buffered = isinstance(protocol, asyncio.BufferedProtocol)
 
     def get_protocol(self) -> asyncio.BaseProtocol:
         return self._protocol  # type: ignore[return-value]
@@ -220,7 +229,8 @@ class StreamTransport(asyncio.Transport):
         return not self._reading_paused and not self._lost
 
     def pause_reading(self) -> None:
-        self._reading_paused = True
+        if not self._self_acking:  # a self-acknowledging protocol is bounded by the window
+            self._reading_paused = True
 
     def resume_reading(self) -> None:
         if self._reading_paused:
@@ -235,21 +245,31 @@ class StreamTransport(asyncio.Transport):
             self._session._acknowledge(self._stream_id, len(data))  # discarded, but not withheld
             return
         if self._protocol is None or self._reading_paused or self._recv_pending:
-            self._recv_pending += data
+            self._recv_pending.append(bytes(data))
+            self._recv_pending_size += len(data)
             return
         self._deliver(data)
 
-    def _deliver(self, data: memoryview) -> None:
+    def _deliver(self, data: Any) -> None:
         n = len(data)
         protocol = self._protocol
         try:
-            protocol.data_received(data if self._views_ok else bytes(data))  # type: ignore[union-attr]
+            if self._buffered and not self._views_ok:
+                _feed_buffered(protocol, data)  # type: ignore[arg-type]
+            else:
+                protocol.data_received(data if self._views_ok else bytes(data))  # type: ignore[union-attr]
         except Exception as exc:
             log.exception("stream %d: protocol.data_received() failed; aborting the stream", self._stream_id)
             self._session._acknowledge(self._stream_id, n)
             self._abort_with(exc)
             return
-        self._session._acknowledge(self._stream_id, n)
+        if not self._self_acking:
+            self._session._acknowledge(self._stream_id, n)
+
+    def acknowledge(self, n: int) -> None:
+        """For protocols that acknowledge themselves: ``n`` more bytes were consumed."""
+        if not self._lost and n > 0:
+            self._session._acknowledge(self._stream_id, n)
 
     def _schedule_delivery(self) -> None:
         if not self._delivery_scheduled:
@@ -261,15 +281,10 @@ class StreamTransport(asyncio.Transport):
         if self._lost or self._protocol is None:
             return
         pending = self._recv_pending
-        if pending:
-            offset = 0
-            with memoryview(pending) as view:
-                while offset < len(view) and not self._reading_paused and not self._lost:
-                    chunk = view[offset : offset + _DELIVERY_CHUNK]
-                    offset += len(chunk)
-                    self._deliver(chunk)
-                    chunk.release()
-            del pending[:offset]
+        while pending and not self._reading_paused and not self._lost:
+            chunk = pending.popleft()
+            self._recv_pending_size -= len(chunk)
+            self._deliver(chunk)
         if not pending and self._recv_eof and not self._reading_paused:
             self._deliver_eof()
 
@@ -315,8 +330,8 @@ class StreamTransport(asyncio.Transport):
         self._closing = True
         self._reading_paused = True
         if self._recv_pending:
-            self._session._acknowledge(self._stream_id, len(self._recv_pending))
-            self._recv_pending.clear()
+            self._session._acknowledge(self._stream_id, self._recv_pending_size)
+            self._clear_recv_pending()
         self._eof_requested = True
         if self._eof_sent:
             self._schedule_connection_lost(None)
@@ -332,7 +347,7 @@ class StreamTransport(asyncio.Transport):
             return
         self._closing = True
         self._send_pending.clear()
-        self._recv_pending.clear()
+        self._clear_recv_pending()
         self._session._reset_stream(self)
         self._schedule_connection_lost(exc)
 
@@ -341,9 +356,13 @@ class StreamTransport(asyncio.Transport):
     def _on_reset(self) -> None:
         """The peer reset the stream (or refused it)."""
         self._send_pending.clear()
-        self._recv_pending.clear()
+        self._clear_recv_pending()
         if not self._lost:
             self._schedule_connection_lost(ConnectionResetError(f"stream {self._stream_id} was reset by the peer"))
+
+    def _clear_recv_pending(self) -> None:
+        self._recv_pending.clear()
+        self._recv_pending_size = 0
 
     def _on_window(self) -> None:
         if self._send_pending or (self._eof_requested and not self._eof_sent):
@@ -380,11 +399,69 @@ class StreamTransport(asyncio.Transport):
         return f"<StreamTransport stream={self._stream_id} {state}>"
 
 
+def _feed_buffered(protocol: asyncio.BufferedProtocol, data: Any) -> None:
+    """Copy ``data`` into a BufferedProtocol's buffers, as asyncio's TLS transport does."""
+    view = memoryview(data)
+    while view:
+        buffer = memoryview(protocol.get_buffer(len(view))).cast("B")
+        if not buffer:
+            raise RuntimeError("get_buffer() returned an empty buffer")
+        n = min(len(buffer), len(view))
+        buffer[:n] = view[:n]
+        protocol.buffer_updated(n)
+        view = view[n:]
+
+
+class _StreamReader(asyncio.StreamReader):
+    """asyncio's StreamReader, acknowledging window credit as data is read.
+
+    Every consuming method of StreamReader (read, readexactly, readuntil,
+    readline) calls ``_maybe_resume_transport`` after taking bytes out of the
+    buffer; that is where the consumed amount is acknowledged, so the peer may
+    send more exactly as the application reads, and the buffer never holds
+    more than the stream's window. A reader that waits for more than is
+    buffered (``readexactly(n)`` with n above the window, ``readuntil`` with a
+    far separator) acknowledges what it holds when it starts waiting, as
+    asyncio's reader resumes a paused transport then: otherwise it would wait
+    for data the window does not let the peer send.
+    """
+
+    def __init__(self, limit: int, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=limit, loop=loop)
+        self._fed = 0  # bytes fed by the transport (acknowledgeable)
+        self._acknowledged = 0
+        self._mux_transport: StreamTransport | None = None
+
+    def feed_initial(self, data: bytes) -> None:
+        """Bytes read before the stream was handed over: already acknowledged."""
+        super().feed_data(data)
+
+    def feed_data(self, data: Any) -> None:
+        self._fed += len(data)
+        super().feed_data(data)
+
+    def _maybe_resume_transport(self) -> None:
+        self._acknowledge_up_to(self._fed - len(self._buffer))
+        super()._maybe_resume_transport()
+
+    async def _wait_for_data(self, func_name: str) -> None:
+        self._acknowledge_up_to(self._fed)  # the application wants more than it holds
+        await super()._wait_for_data(func_name)
+
+    def _acknowledge_up_to(self, position: int) -> None:
+        delta = position - self._acknowledged
+        if delta > 0 and self._mux_transport is not None:
+            self._acknowledged = position
+            self._mux_transport.acknowledge(delta)
+
+
 class _StreamReaderProtocol(asyncio.StreamReaderProtocol):
     """asyncio's protocol for streams; it copies what it receives into the
-    reader's buffer at once, so the transport may hand it memoryviews."""
+    reader's buffer at once (so the transport may hand it memoryviews), and
+    its reader acknowledges data as the application reads it."""
 
     _fastnat_accepts_views = True
+    _fastnat_self_acking = True
 
     def __init__(self, stream_reader: asyncio.StreamReader, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(stream_reader, loop=loop)
@@ -417,10 +494,12 @@ class MuxStream:
     def __init__(self, transport: StreamTransport, *, limit: int, initial_data: bytes = b"") -> None:
         loop = transport._loop
         self._transport = transport
-        self.reader = asyncio.StreamReader(limit=limit, loop=loop)
+        reader = _StreamReader(limit, loop)
+        reader._mux_transport = transport
         if initial_data:
-            self.reader.feed_data(initial_data)  # read before a handshake handed the stream over
-        self._protocol = _StreamReaderProtocol(self.reader, loop)
+            reader.feed_initial(initial_data)  # read before a handshake handed the stream over
+        self.reader: asyncio.StreamReader = reader
+        self._protocol = _StreamReaderProtocol(reader, loop)
         transport.attach(self._protocol, replace=True)
         self.writer = asyncio.StreamWriter(transport, self._protocol, self.reader, loop)
 
