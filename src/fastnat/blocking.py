@@ -98,8 +98,33 @@ class _LoopThread:
                 return
             self._loop = self._thread = None
         if thread.is_alive():
+            try:
+                # Close the sessions living on the loop (Go Away, then the
+                # connection) before stopping it, so peers see a clean end.
+                asyncio.run_coroutine_threadsafe(_close_sessions(timeout / 2), loop).result(timeout)
+            except Exception:
+                pass
             loop.call_soon_threadsafe(loop.stop)
             thread.join(timeout)
+
+
+# Set at interpreter exit: sessions are closed then, but threads still
+# blocked on their streams are daemonic and end with the process, as they
+# would on a socket, rather than waking to raise into a dying interpreter.
+_exiting = False
+
+
+async def _close_sessions(timeout: float) -> None:
+    from fastnat.aio.session import live_sessions
+
+    global _exiting
+    _exiting = True
+    loop = asyncio.get_running_loop()
+    sessions = [s for s in live_sessions() if s._loop is loop and not s.closed]
+    for session in sessions:
+        session.close()
+    if sessions:
+        await asyncio.wait([loop.create_task(s.wait_closed()) for s in sessions], timeout=timeout)
 
 
 def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:
@@ -183,6 +208,8 @@ class _Bridge(asyncio.Protocol):
             self.writable.notify_all()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if _exiting:
+            return
         with self.lock:
             self.lost = True
             if exc is not None and self.error is None:
@@ -241,7 +268,8 @@ class StreamSocket:
     def __init__(self, bridge: _Bridge, extra: dict[str, Any]) -> None:
         self._bridge = bridge
         self._timeout: float | None = None
-        self._closed = False
+        self._closed = False  # close() was called
+        self._released = False  # the stream is closed: close() with no file objects left open
         self._shut_wr = False
         self._shut_rd = False
         self._io_refs = 0
@@ -296,6 +324,8 @@ class StreamSocket:
         self._check_open()
         if flags:
             raise OSError(errno.EOPNOTSUPP, "recv flags are not supported on a fastnat stream")
+        if bufsize == 0:
+            return b""  # as a socket does: nothing asked, nothing waited for
         bridge = self._bridge
         with bridge.lock:
             self._wait_readable()
@@ -316,10 +346,12 @@ class StreamSocket:
         if nbytes < 0:
             raise ValueError("negative buffersize in recv_into")
         if nbytes == 0 or nbytes > len(view):
-            nbytes = len(view)
+            nbytes = len(view)  # as socket.recv_into: 0 means the whole buffer
         self._check_open()
         if flags:
             raise OSError(errno.EOPNOTSUPP, "recv flags are not supported on a fastnat stream")
+        if nbytes == 0:
+            return 0
         bridge = self._bridge
         with bridge.lock:
             self._wait_readable()
@@ -386,7 +418,10 @@ class StreamSocket:
     # ------------------------------------------------------------- closing
 
     def shutdown(self, how: int) -> None:
-        """``SHUT_WR`` half-closes (FIN after the data sent); ``SHUT_RD`` drops what arrives."""
+        """``SHUT_WR`` half-closes (FIN after the data sent). ``SHUT_RD`` makes
+        ``recv`` return ``b""`` and drops buffered data; as with TCP, data
+        the peer still sends keeps occupying the window, so a peer that goes
+        on sending eventually blocks."""
         self._check_open()
         if how not in (socket.SHUT_RD, socket.SHUT_WR, socket.SHUT_RDWR):
             raise ValueError(f"invalid shutdown mode {how}")
@@ -405,7 +440,8 @@ class StreamSocket:
                 bridge.call(bridge.transport.resume_reading)
 
     def close(self) -> None:
-        """Close the stream: what was sent goes out, then a FIN."""
+        """Close the stream: what was sent goes out, then a FIN (once the
+        file objects from ``makefile`` are closed too, as with a socket)."""
         if self._closed:
             return
         self._closed = True
@@ -413,6 +449,9 @@ class StreamSocket:
             self._real_close()
 
     def _real_close(self) -> None:
+        if self._released:
+            return
+        self._released = True
         bridge = self._bridge
         with bridge.lock:
             bridge.readable.notify_all()
@@ -470,7 +509,9 @@ class StreamSocket:
         return text
 
     def _check_open(self) -> None:
-        if self._closed:
+        # As with a socket, file objects from makefile() keep the stream
+        # usable after close() until the last of them is closed.
+        if self._released:
             raise OSError(errno.EBADF, "Bad file descriptor")
 
     def __enter__(self) -> StreamSocket:
