@@ -45,12 +45,14 @@ async def _run_forwarder(args: argparse.Namespace) -> int:
     )
     secrets = load_secrets(args.secrets_file) if args.secrets_file else None
     forwarder = Forwarder(args.host, args.port, limits=limits, secret=args.secret, secrets=secrets)
-    await forwarder.start()
-    print(f"fastnat forwarder listening on {args.host}:{forwarder.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Handlers first: a signal that arrives as soon as we say we are ready
+    # must stop us cleanly.
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    await forwarder.start()
+    print(f"fastnat forwarder listening on {args.host}:{forwarder.port}", flush=True)
     await stop.wait()
     log.info("stopping")
     forwarder.close()

@@ -33,7 +33,7 @@ from typing import Any
 from fastnat.aio._control import FirstMessage, read_message
 from fastnat.aio.session import MuxSession
 from fastnat.aio.stream import MuxStream, StreamTransport
-from fastnat.errors import ControlProtocolError, MuxError
+from fastnat.errors import ControlProtocolError, MuxError, ProtocolError
 from fastnat.mux_config import MuxConfig
 from fastnat.protocol import (
     HELLO_SIZE,
@@ -62,6 +62,10 @@ log = logging.getLogger("fastnat.forwarder")
 
 # The test string the forwarder sends back to a caller of ``bidirectional``.
 _ECHO_PROBE_SIZE = 16
+# ``stats`` lists per-server counters for at most this many servers (the
+# busiest first): an entry is about 250 bytes and a reply must fit in one
+# 64 KiB control message.
+STATS_MAX_SERVERS = 100
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -182,7 +186,10 @@ class _ServerLink:
             finally:
                 extra.cancel()
         except ConnectionError as exc:
-            log.info("server %s:%d disconnected: %s", self.peer[0], self.peer[1], exc)
+            if isinstance(session._error, ProtocolError):
+                fwd._drop(self.peer, f"a server broke the multiplexer protocol: {session._error}")
+            else:
+                log.info("server %s:%d disconnected: %s", self.peer[0], self.peer[1], exc)
         except ControlProtocolError as exc:
             fwd._drop(self.peer, f"bad control message from a server: {exc}")
         except Exception:
@@ -279,8 +286,13 @@ class _Handshake(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
-        self.peer = (peer[0], peer[1]) if peer else ("?", 0)
         fwd = self.fwd
+        if not peer:
+            # Reset by the peer before we got to it: nothing to serve, and no
+            # address to give a server as its client's.
+            transport.abort()
+            return
+        self.peer = (peer[0], peer[1])
         if fwd._closing:
             transport.close()
             return
@@ -484,7 +496,10 @@ class Forwarder:
         """Counters, as the ``stats`` request returns them."""
         c = self.counters
         per_server = {}
-        for server_id, link in self._servers.items():
+        busiest = sorted(
+            self._servers.items(), key=lambda item: (-c.server(item[0])["clients_active"], item[0])
+        )[:STATS_MAX_SERVERS]
+        for server_id, link in busiest:
             entry = dict(c.server(server_id))
             entry["ports"] = sorted(link.ids.get(server_id, ()))
             entry["address"] = f"{link.peer[0]}:{link.peer[1]}"
@@ -500,6 +515,7 @@ class Forwarder:
             "pending_handshakes": self._pending_handshakes,
             "refusals": dict(c.refusals),
             "per_server": per_server,
+            "per_server_omitted": len(self._servers) - len(per_server),
         }
 
     # ------------------------------------------------------------ internals
@@ -578,7 +594,8 @@ class Forwarder:
                 reachable = await self._dial_back(hs.peer[0], request.value["ip"], request.value["port"])
                 transport.write(encode_reply(request.id, Status.OK, {"reachable": reachable, "seen": hs.peer[0]}))
             elif name == "stats":
-                transport.write(encode_reply(request.id, Status.OK, self.stats()))
+                if not transport.is_closing():
+                    transport.write(encode_reply(request.id, Status.OK, self.stats()))
             else:
                 self._drop(hs.peer, f"request {name!r} is not for a client connection")
                 transport.abort()
@@ -600,7 +617,8 @@ class Forwarder:
 
         def answer(status: str, reason: str, detail: str) -> bool:
             self.counters.refuse(reason, server_id)
-            transport.write(encode_reply(request.id, status, detail))
+            if not hs.lost and not transport.is_closing():
+                transport.write(encode_reply(request.id, status, detail))
             return False
 
         if link is None:
@@ -609,6 +627,9 @@ class Forwarder:
             return answer(Status.FAILED, "no_port", f"{server_id!r} does not listen on port {port}")
         if link.clients[server_id] >= self.limits.max_clients_per_server:
             return answer(Status.BSY_SERVER, "busy", f"{server_id!r} has its maximum of {self.limits.max_clients_per_server} clients")
+        if hs.lost or transport.is_closing():
+            return False  # the client left while we looked
+        open_request = encode_request(0, "open", {"server": server_id, "port": port, "client": [hs.peer[0], hs.peer[1]]})
         link.clients[server_id] += 1
         per = self.counters.server(server_id)
         try:
@@ -618,9 +639,7 @@ class Forwarder:
                 return answer(Status.FAILED, "server_gone", f"the server's session is gone ({exc})")
             opener = FirstMessage(self.limits.max_message_size)
             stream.attach(opener)
-            stream.write(
-                encode_request(0, "open", {"server": server_id, "port": port, "client": [hs.peer[0], hs.peer[1]]})
-            )
+            stream.write(open_request)
             try:
                 message = await asyncio.wait_for(asyncio.shield(opener.message), self.limits.open_timeout)
                 reply = parse_reply(message)

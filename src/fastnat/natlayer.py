@@ -60,9 +60,11 @@ __all__ = [
 
 log = logging.getLogger("fastnat.natlayer")
 
-# How long the forwarder's dial-back probe may take to reach the temporary
-# listener of nat_check_bi_directional.
+# How long the forwarder's dial-back probe may take once it has connected
+# to the temporary listener of nat_check_bi_directional.
 _PROBE_WAIT = 5.0
+# How often the listener's thread looks whether the check is over.
+_PROBE_POLL = 0.1
 
 
 # ------------------------------------------------------------------ client
@@ -239,11 +241,12 @@ def nat_check_bi_directional(
 ) -> bool:
     """True if this host needs the NAT layer: a forwarder cannot connect
     back to ``localip:port`` (listened on meanwhile) and echo a test string."""
+    choose_forwarders(forwarderIP, forwarderCltPort)  # fail early when none is configured
     listener = socket.socket(socket.AF_INET6 if ":" in localip else socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((localip, port))
     listener.listen(1)
-    listener.settimeout(_PROBE_WAIT)
+    listener.settimeout(_PROBE_POLL)
     stop = threading.Event()
 
     def echo_one() -> None:
@@ -269,7 +272,7 @@ def nat_check_bi_directional(
     finally:
         stop.set()
         listener.close()
-        thread.join(_PROBE_WAIT + 1)
+        thread.join(_PROBE_WAIT + _PROBE_POLL + 1)
     return not bool(value["reachable"])
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +30,18 @@ log = logging.getLogger("fastnat.splice")
 # Reads from a TCP side: one recv_into of up to this many bytes, handed to
 # the other side in one write (a stream takes it as 64 KiB frames).
 SPLICE_READ_BUFFER = 256 * 1024
+
+
+def _abort_with_reset(transport: asyncio.BaseTransport) -> None:
+    """Abort; on a TCP connection, with an RST rather than a FIN, so that the
+    peer sees a reset (and a cut-off transfer is not mistaken for a whole one)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.type == socket.SOCK_STREAM:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    transport.abort()
 
 
 class _End(asyncio.BufferedProtocol):
@@ -98,7 +112,7 @@ class _End(asyncio.BufferedProtocol):
         assert other is not None
         if other.transport is not None and not other.lost:
             if exc is not None:
-                other.transport.abort()  # a reset becomes an abort
+                _abort_with_reset(other.transport)  # a reset becomes a reset
             else:
                 other.transport.close()  # after what is buffered for it
         self.splice._end_lost(self, exc)
