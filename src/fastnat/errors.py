@@ -27,6 +27,7 @@ __all__ = [
     "IdTakenError",
     "AuthenticationError",
     "NotRegisteredError",
+    "RegistryUnavailableError",
 ]
 
 
@@ -122,3 +123,10 @@ class AuthenticationError(NATLayerError):
 
 class NotRegisteredError(NATLayerError):
     """The id or port is not registered by this session (``NOT_REGISTERED``)."""
+
+
+class RegistryUnavailableError(ForwarderUnreachableError):
+    """The registry (``fastnat://`` service or Redis) could not be reached, or
+    the link to it was lost. A :class:`ForwarderUnreachableError`, as the
+    built-in registry is usually hosted by a forwarder, so that code catching
+    that error also catches this one."""

@@ -2,7 +2,7 @@
 
 Every connection to a forwarder starts with a hello from the dialler::
 
-    b"FNAT" | version u8 | role u8 (b"S" server, b"C" client)
+    b"FNAT" | version u8 | role u8 (b"S" server, b"C" client, b"R" registry)
 
 and the forwarder's answer::
 
@@ -31,6 +31,7 @@ import json
 import struct
 from typing import Any
 
+from fastnat.discovery.base import validate_key, validate_max_values, validate_ttl, validate_value
 from fastnat.errors import (
     AuthenticationError,
     ControlProtocolError,
@@ -50,6 +51,8 @@ __all__ = [
     "SUPPORTED_VERSIONS",
     "ROLE_SERVER",
     "ROLE_CLIENT",
+    "ROLE_REGISTRY",
+    "REGISTRY_REQUESTS",
     "NONCE_SIZE",
     "HELLO_SIZE",
     "MAX_MESSAGE_SIZE",
@@ -87,6 +90,10 @@ PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
 ROLE_SERVER = b"S"
 ROLE_CLIENT = b"C"
+# A connection to the registry service (:mod:`fastnat.discovery.service`):
+# after the hellos, any number of announce/lookup/withdraw requests.
+ROLE_REGISTRY = b"R"
+_ROLES = (ROLE_SERVER, ROLE_CLIENT, ROLE_REGISTRY)
 # 128 bits: a nonce never repeats in practice, so a registration proof
 # captured on one connection cannot be replayed on another.
 NONCE_SIZE = 16
@@ -175,8 +182,8 @@ class HelloReply:
 
 def encode_hello(role: bytes, version: int = PROTOCOL_VERSION) -> bytes:
     """The dialler's hello."""
-    if role not in (ROLE_SERVER, ROLE_CLIENT):
-        raise ValueError(f"role must be {ROLE_SERVER!r} or {ROLE_CLIENT!r}, not {role!r}")
+    if role not in _ROLES:
+        raise ValueError(f"role must be one of {', '.join(map(repr, _ROLES))}, not {role!r}")
     if not 0 <= version <= 255:
         raise ValueError(f"version must fit in a byte, got {version}")
     return MAGIC + bytes((version,)) + role
@@ -337,8 +344,14 @@ REQUESTS = frozenset(
         "bidirectional",
         "stats",
         "open",  # forwarder -> server, first message of a stream carrying a client
+        # registry connections (role R)
+        "announce",
+        "lookup",
+        "withdraw",
     }
 )
+# The requests of a registry connection, and only those.
+REGISTRY_REQUESTS = frozenset({"announce", "lookup", "withdraw"})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -443,6 +456,19 @@ def _check_request(req: Request) -> None:
         elif name in ("externaladdr", "stats"):
             if value is not None:
                 raise ValueError("takes no value (null)")
+        elif name == "announce":
+            v = _object(value, required=("key", "value", "ttl"))
+            validate_key(v["key"])
+            validate_value(v["value"])
+            validate_ttl(v["ttl"])
+        elif name == "lookup":
+            v = _object(value, required=("key", "max_values"))
+            validate_key(v["key"])
+            validate_max_values(v["max_values"])
+        elif name == "withdraw":
+            v = _object(value, required=("key", "value"))
+            validate_key(v["key"])
+            validate_value(v["value"])
     except ValueError as exc:
         raise ControlProtocolError(f"{name}: {exc}") from None
 
