@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from fastnat.aio._loop import run
 from fastnat.forwarder import Forwarder, ForwarderLimits, load_secrets
@@ -34,6 +35,50 @@ def _forwarder_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument(
         "--handshake-timeout", type=float, default=defaults.handshake_timeout, help="seconds to finish a handshake"
     )
+    p.add_argument(
+        "--registry",
+        help="registry URL to advertise this forwarder in (fastnat://host:port, redis://host:port/db); "
+        "by default it advertises in the registry it hosts itself",
+    )
+    p.add_argument("--advertise", help="address clients and servers reach this forwarder at (HOST or HOST:PORT)")
+    p.add_argument(
+        "--no-embedded-registry",
+        action="store_true",
+        help="do not host the built-in registry service on this forwarder's port",
+    )
+
+
+def _registry_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("registry", help="run the built-in registry service alone, until SIGINT/SIGTERM")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=12346, help="port (default 12346)")
+
+
+async def _run_until_signal(start: Any, stop_and_wait: Any, ready: str) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # Handlers first: a signal that arrives as soon as we say we are ready
+    # must stop us cleanly.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await start()
+    print(ready(), flush=True)
+    await stop.wait()
+    log.info("stopping")
+    await stop_and_wait()
+    return 0
+
+
+async def _run_registry(args: argparse.Namespace) -> int:
+    from fastnat.discovery.service import RegistryServer
+
+    server = RegistryServer(args.host, args.port)
+
+    async def stop() -> None:
+        server.close()
+        await server.wait_closed()
+
+    return await _run_until_signal(server.start, stop, lambda: f"fastnat registry listening on {args.host}:{server.port}")
 
 
 async def _run_forwarder(args: argparse.Namespace) -> int:
@@ -44,20 +89,24 @@ async def _run_forwarder(args: argparse.Namespace) -> int:
         handshake_timeout=args.handshake_timeout,
     )
     secrets = load_secrets(args.secrets_file) if args.secrets_file else None
-    forwarder = Forwarder(args.host, args.port, limits=limits, secret=args.secret, secrets=secrets)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    # Handlers first: a signal that arrives as soon as we say we are ready
-    # must stop us cleanly.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await forwarder.start()
-    print(f"fastnat forwarder listening on {args.host}:{forwarder.port}", flush=True)
-    await stop.wait()
-    log.info("stopping")
-    forwarder.close()
-    await forwarder.wait_closed()
-    return 0
+    forwarder = Forwarder(
+        args.host,
+        args.port,
+        limits=limits,
+        secret=args.secret,
+        secrets=secrets,
+        registry=args.registry,
+        advertise=args.advertise,
+        host_registry=not args.no_embedded_registry,
+    )
+
+    async def stop() -> None:
+        forwarder.close()
+        await forwarder.wait_closed()
+
+    return await _run_until_signal(
+        forwarder.start, stop, lambda: f"fastnat forwarder listening on {args.host}:{forwarder.port}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -66,12 +115,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
     sub = parser.add_subparsers(dest="command", required=True)
     _forwarder_parser(sub)
+    _registry_parser(sub)
     args = parser.parse_args(argv)
     level = logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         if args.command == "forwarder":
             return run(_run_forwarder(args))
+        if args.command == "registry":
+            return run(_run_registry(args))
     except (OSError, ValueError) as exc:
         print(f"fastnat: error: {exc}", file=sys.stderr)
         return 1

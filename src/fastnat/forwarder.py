@@ -40,6 +40,7 @@ from fastnat.protocol import (
     NONCE_SIZE,
     PROTOCOL_VERSION,
     ROLE_CLIENT,
+    ROLE_REGISTRY,
     ROLE_SERVER,
     SUPPORTED_VERSIONS,
     HelloStatus,
@@ -54,6 +55,9 @@ from fastnat.protocol import (
     parse_reply,
     parse_request,
 )
+from fastnat.discovery import Registry, open_registry
+from fastnat.locate import ForwarderAddress
+from fastnat.settings import FORWARDER_KEY, get_settings
 from fastnat.splice import Splice
 
 __all__ = ["Forwarder", "ForwarderLimits", "load_secrets"]
@@ -115,6 +119,19 @@ def load_secrets(path: str | os.PathLike[str]) -> dict[str, bytes]:
             raise ValueError(f"{path}:{number}: expected 'id secret'")
         table[parts[0]] = parts[1].strip().encode()
     return table
+
+
+def _primary_ip() -> str:
+    """This host's address on its default route (a UDP connect sends no packet);
+    127.0.0.1 when it has none."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: never reached, only routed
+            return str(probe.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
 
 
 class _Counters:
@@ -338,8 +355,9 @@ class _Handshake(asyncio.Protocol):
         if self.role is None:
             self.buffer += data
             if len(self.buffer) < HELLO_SIZE:
-                if self.buffer[: len(self.buffer)] != b"FNAT"[: len(self.buffer)]:
-                    raise ControlProtocolError(f"not a fastnat hello (starts with {bytes(self.buffer[:4])!r})")
+                head = bytes(self.buffer[:4])
+                if head != b"FNAT"[: len(head)]:
+                    raise ControlProtocolError(f"not a fastnat hello (starts with {head!r})")
                 return
             hello = parse_hello(bytes(self.buffer[:HELLO_SIZE]))
             rest = bytes(self.buffer[HELLO_SIZE:])
@@ -347,6 +365,11 @@ class _Handshake(asyncio.Protocol):
             if hello.version not in SUPPORTED_VERSIONS:
                 self.transport.write(encode_hello_reply(HelloStatus.VERSION_UNSUPPORTED, 0, bytes(NONCE_SIZE)))
                 self._close(f"protocol version {hello.version} (this forwarder speaks {list(SUPPORTED_VERSIONS)})", "version")
+                return
+            if hello.role == ROLE_REGISTRY and self.fwd.registry_service is not None:
+                self._finish()
+                self.busy = True
+                self.fwd.registry_service.serve_connection(self.transport, rest, self.peer)
                 return
             if hello.role not in (ROLE_SERVER, ROLE_CLIENT):
                 self.transport.write(encode_hello_reply(HelloStatus.BAD_ROLE, 0, bytes(NONCE_SIZE)))
@@ -413,6 +436,9 @@ class Forwarder:
         secrets: Mapping[str, bytes | str] | None = None,
         mux_config: MuxConfig | None = None,
         ssl: Any = None,
+        registry: str | Registry | None = None,
+        advertise: str | None = None,
+        host_registry: bool = True,
         **session_options: Any,
     ) -> None:
         self.host = host
@@ -431,14 +457,30 @@ class Forwarder:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pending_handshakes = 0
         self._closing = False
+        # Discovery: the registry service this forwarder hosts on its own
+        # port (the embedded default), and where it advertises itself.
+        self._host_registry = host_registry
+        self.registry_service: Any = None
+        self._registry_arg = registry
+        self._registry: Registry | None = None
+        self._advertise_arg = advertise
+        self.advertised: ForwarderAddress | None = None
+        self._advertised_now = False
+        self._advertiser: asyncio.Task[None] | None = None
+        self._advertise_wakeup: asyncio.Event | None = None
 
     # ------------------------------------------------------------- running
 
     async def start(self) -> None:
         """Start listening."""
         loop = asyncio.get_running_loop()
+        if self._host_registry:
+            from fastnat.discovery.service import RegistryService
+
+            self.registry_service = RegistryService()
         self._server = await loop.create_server(lambda: _Handshake(self), self.host, self.requested_port, ssl=self.ssl)
         log.info("forwarder listening on %s", ", ".join(f"{a[0]}:{a[1]}" for a in self.addresses))
+        self._start_advertising()
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -465,6 +507,10 @@ class Forwarder:
         if self._closing:
             return
         self._closing = True
+        if self._advertiser is not None:
+            self._advertiser.cancel()
+        if self.registry_service is not None:
+            self.registry_service.close()
         if self._server is not None:
             self._server.close()
         for splice in list(self._splices):
@@ -473,6 +519,8 @@ class Forwarder:
             link.session.close()
 
     async def wait_closed(self) -> None:
+        if self._advertiser is not None:
+            await asyncio.gather(self._advertiser, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
         for link in list(self._links):
@@ -489,6 +537,82 @@ class Forwarder:
     async def __aexit__(self, *exc_info: object) -> None:
         self.close()
         await self.wait_closed()
+
+    # ---------------------------------------------------------- discovery
+
+    def _advertised_address(self) -> ForwarderAddress:
+        port = self.port
+        text = self._advertise_arg
+        if text:
+            host, sep, port_text = text.rpartition(":")
+            if sep and port_text.isdigit() and not text.endswith("]") and text.count(":") == 1:
+                return ForwarderAddress(host, int(port_text), int(port_text))
+            return ForwarderAddress(text.strip("[]"), port, port)
+        bound = self.addresses[0][0]
+        if bound not in ("0.0.0.0", "::", ""):
+            return ForwarderAddress(bound, port, port)
+        return ForwarderAddress(_primary_ip(), port, port)
+
+    def _start_advertising(self) -> None:
+        registry = self._registry_arg
+        if isinstance(registry, str):
+            registry = open_registry(registry)
+        elif registry is None and self.registry_service is not None:
+            from fastnat.discovery.memory import MemoryRegistry
+
+            registry = MemoryRegistry(store=self.registry_service.store)
+        self._registry = registry
+        if registry is None:
+            return
+        self.advertised = self._advertised_address()
+        self._advertise_wakeup = asyncio.Event()
+        self._advertiser = asyncio.get_running_loop().create_task(self._advertise_forever())
+
+    @property
+    def full(self) -> bool:
+        """True when no more server ids fit: the forwarder stops advertising itself."""
+        return len(self._servers) >= self.limits.max_servers
+
+    def _advertisement_changed(self) -> None:
+        if self._advertise_wakeup is not None and self._advertised_now != (not self.full):
+            self._advertise_wakeup.set()
+
+    async def _advertise_forever(self) -> None:
+        """Announce ``__NAT__FORWARDER__`` every announce_interval while there
+        is room; withdraw it while full and when closing."""
+        registry, address = self._registry, self.advertised
+        assert registry is not None and address is not None and self._advertise_wakeup is not None
+        value = address.advertisement()
+        settings = get_settings()
+        try:
+            while True:
+                try:
+                    if self.full:
+                        if self._advertised_now:
+                            await registry.withdraw(FORWARDER_KEY, value)
+                            self._advertised_now = False
+                            log.info("full: no longer advertised in %s", registry.url)
+                    else:
+                        await registry.announce(FORWARDER_KEY, value, settings.announce_ttl)
+                        if not self._advertised_now:
+                            log.info("advertised as %s in %s", value, registry.url)
+                        self._advertised_now = True
+                except (OSError, ValueError) as exc:
+                    log.warning("advertising in %s failed: %s", registry.url, exc)
+                self._advertise_wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._advertise_wakeup.wait(), settings.announce_interval)
+                except (TimeoutError, asyncio.TimeoutError):
+                    pass
+        finally:
+            if self._advertised_now:
+                self._advertised_now = False
+                try:
+                    await asyncio.wait_for(asyncio.shield(registry.withdraw(FORWARDER_KEY, value)), 2)
+                except (OSError, ValueError, TimeoutError, asyncio.TimeoutError, asyncio.CancelledError):
+                    pass
+            if self._registry_arg is not None and isinstance(self._registry_arg, str):
+                await registry.close()
 
     # ---------------------------------------------------------------- stats
 
@@ -569,6 +693,7 @@ class Forwarder:
             self._servers[server_id] = link
             link.ids[server_id] = set()
             self.counters.server(server_id)
+            self._advertisement_changed()
             log.info("registered %r from %s:%d", server_id, link.peer[0], link.peer[1])
         return Status.OK, None
 
@@ -577,6 +702,7 @@ class Forwarder:
         if self._servers.get(server_id) is link:
             del self._servers[server_id]
             self.counters.per_server.pop(server_id, None)
+            self._advertisement_changed()
             log.info("deregistered %r", server_id)
 
     async def _serve_client(self, hs: _Handshake, request: Request) -> None:

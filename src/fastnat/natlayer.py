@@ -44,7 +44,14 @@ from fastnat.protocol import (
     validate_port,
     validate_server_id,
 )
-from fastnat.settings import choose_forwarders, get_settings
+from fastnat.locate import (
+    cached_forwarders,
+    forget_server,
+    forwarders_for_client,
+    forwarders_for_server,
+    remember_working,
+)
+from fastnat.settings import choose_forwarders, get_settings, registry_url, static_forwarders
 
 __all__ = [
     "nat_openconn",
@@ -130,6 +137,26 @@ def _client_request(
     return sock, reply
 
 
+def _client_candidates(server_id: str, host: str | None, port: int | None) -> list[tuple[str, int]]:
+    """Forwarders to try for ``server_id``: explicit, else remembered,
+    registry-listed and static ones (see :mod:`fastnat.locate`)."""
+    if host is not None:
+        return choose_forwarders(host, port)
+    if registry_url():
+        return run_in_loop(forwarders_for_client(server_id), get_settings().request_timeout)
+    found = cached_forwarders(server_id)
+    found += [f for f in static_forwarders() if f not in found]
+    return found or choose_forwarders()
+
+
+def _any_forwarders(host: str | None, port: int | None) -> list[tuple[str, int]]:
+    """Forwarders for a request any forwarder answers (externaladdr, bidirectional)."""
+    if host is not None or not registry_url():
+        return choose_forwarders(host, port)
+    found = run_in_loop(forwarders_for_server(), get_settings().request_timeout)
+    return [f.client_address for f in found]
+
+
 def nat_openconn(
     destmac: str,
     destport: int,
@@ -151,7 +178,7 @@ def nat_openconn(
     validate_port(destport)
     source = (localip or "", localport or 0) if (localip or localport) else None
     failures: list[tuple[str, BaseException]] = []
-    for host, port in choose_forwarders(forwarderIP, forwarderPort):
+    for host, port in _client_candidates(destmac, forwarderIP, forwarderPort):
         where = f"forwarder {host}:{port}"
         try:
             sock, reply = _client_request(
@@ -161,16 +188,18 @@ def nat_openconn(
             failures.append((where, exc))
             continue
         if reply.status == Status.CONFIRMED:
+            remember_working(destmac, (host, port))
             sock.settimeout(timeout if usetimeoutsock else None)
             return sock
         sock.close()
         failures.append((where, reply_error(reply, f"{destmac!r} port {destport} via {where}")))
+    forget_server(destmac)
     raise combine_failures(f"nat_openconn to {destmac!r} port {destport}", failures)
 
 
 def _simple_request(name: str, value: Any, host: str | None, port: int | None, timeout: float = 5.0) -> Any:
     failures: list[tuple[str, BaseException]] = []
-    for fhost, fport in choose_forwarders(host, port):
+    for fhost, fport in _any_forwarders(host, port):
         where = f"forwarder {fhost}:{fport}"
         try:
             sock, reply = _client_request(fhost, fport, name, value, timeout)
@@ -192,7 +221,7 @@ def getmy_external_ip(forwarderIP: str | None = None, forwarderPort: int | None 
 def behind_nat(forwarderIP: str | None = None, forwarderPort: int | None = None) -> bool:  # noqa: N803
     """True when the address a forwarder sees differs from this host's own."""
     failures: list[tuple[str, BaseException]] = []
-    for host, port in choose_forwarders(forwarderIP, forwarderPort):
+    for host, port in _any_forwarders(forwarderIP, forwarderPort):
         where = f"forwarder {host}:{port}"
         try:
             sock, reply = _client_request(host, port, "externaladdr", None, 5.0)
@@ -213,10 +242,7 @@ def behind_nat(forwarderIP: str | None = None, forwarderPort: int | None = None)
 def nat_getmyid() -> str:
     """An id for this host, as the seed made it: its IP address, ``#``, a random number."""
     ip = "127.0.0.1"
-    try:
-        forwarders = choose_forwarders()
-    except NATLayerError:
-        forwarders = []
+    forwarders = static_forwarders()
     if forwarders:
         ip = _local_ip_towards(forwarders[0][0])
     return f"{ip}#{random.randrange(1, 2**31)}"
@@ -241,7 +267,8 @@ def nat_check_bi_directional(
 ) -> bool:
     """True if this host needs the NAT layer: a forwarder cannot connect
     back to ``localip:port`` (listened on meanwhile) and echo a test string."""
-    choose_forwarders(forwarderIP, forwarderCltPort)  # fail early when none is configured
+    if forwarderIP is not None or not registry_url():
+        choose_forwarders(forwarderIP, forwarderCltPort)  # fail early when none is configured
     listener = socket.socket(socket.AF_INET6 if ":" in localip else socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((localip, port))
@@ -322,6 +349,8 @@ def nat_waitforconn(
     forwarderCltPort: int | None = None,  # noqa: N803
     errdel: Callable[[Any, str, BaseException], Any] | None = None,
     persist: bool = True,
+    *,
+    redundancy: int = 1,
 ) -> NATListenHandle:
     """Accept connections to ``localport`` of server id ``localmac`` through a forwarder.
 
@@ -331,7 +360,9 @@ def nat_waitforconn(
     the session. ``errdel(session, where, exception)`` is called at each
     failure of the forwarder link; with ``persist`` the link is re-made.
     ``forwarderCltPort`` is accepted for compatibility: a fastnat forwarder
-    serves clients and servers on one port.
+    serves clients and servers on one port. With no forwarder named, one is
+    found in the registry (or the configured list); ``redundancy=N`` holds
+    the registration at N forwarders at once, all of them announced.
     """
     validate_server_id(localmac)
     validate_port(localport)
@@ -359,7 +390,7 @@ def nat_waitforconn(
         threading.Thread(target=run, name=f"fastnat-conn-{next(_thread_names)}", daemon=True).start()
 
     async def register() -> Registration:
-        registration = await get_registration(localmac, forwarder=forwarder, persist=persist)
+        registration = await get_registration(localmac, forwarder=forwarder, persist=persist, redundancy=redundancy)
         if errdel is not None:
             registration.error_delegates.append(errdel)
         try:

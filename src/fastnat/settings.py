@@ -1,9 +1,12 @@
 """Process-wide settings of the NAT layer, and where forwarders come from.
 
-Forwarders are chosen, in order: the arguments of the call; else the
-``FASTNAT_FORWARDERS`` environment variable (``host:port,host:port``); else
-:func:`configure`\\ ``(forwarders=[...])``. With none of them, the call fails
-with :class:`fastnat.errors.NoForwarderError`, which says how to set one.
+Forwarders are chosen, in order: the arguments of the call; else a registry
+(``FASTNAT_REGISTRY`` or :func:`configure`\\ ``(registry=...)``), where
+forwarders advertise themselves and servers their forwarders; else a static
+list, the ``FASTNAT_FORWARDERS`` environment variable (``host:port,...``) or
+:func:`configure`\\ ``(forwarders=[...])``, which needs no registry at all.
+With none of them, the call fails with
+:class:`fastnat.errors.NoForwarderError`, which says how to set one.
 """
 
 from __future__ import annotations
@@ -20,7 +23,12 @@ from fastnat.mux_config import MuxConfig
 __all__ = ["configure", "get_settings", "parse_forwarders", "choose_forwarders", "Settings", "FORWARDERS_ENV"]
 
 FORWARDERS_ENV = "FASTNAT_FORWARDERS"
+REGISTRY_ENV = "FASTNAT_REGISTRY"
 SECRET_ENV = "FASTNAT_SECRET"
+
+# The seed's registry keys and value formats.
+FORWARDER_KEY = "__NAT__FORWARDER__"  # value: "ip*serverport*clientport"
+SERVER_KEY_PREFIX = "__NAT_SRV__"  # key: prefix + id, value: "forwarderip*clientport"
 
 # The forwarder's port when an address names none: fastnat's registered-
 # nowhere default, the same for both roles.
@@ -32,6 +40,11 @@ class Settings:
     """What :func:`configure` sets."""
 
     forwarders: list[tuple[str, int]] = dataclasses.field(default_factory=list)
+    # Registry URL (memory://, fastnat://host:port, redis://host:port/db).
+    registry: str | None = None
+    # The seed's timing: values live 180 s and are announced again every 60 s.
+    announce_ttl: float = 180.0
+    announce_interval: float = 60.0
     # Secret for proving ownership of server ids (bytes), if the forwarders demand it.
     secret: bytes | None = None
     mux_config: MuxConfig | None = None
@@ -58,6 +71,7 @@ def get_settings() -> Settings:
 def configure(
     *,
     forwarders: Iterable[str | tuple[str, int]] | None = None,
+    registry: str | None = None,
     secret: bytes | str | None = None,
     mux_config: MuxConfig | None = None,
     **options: Any,
@@ -65,13 +79,18 @@ def configure(
     """Set process-wide defaults of the NAT layer.
 
     ``forwarders``: addresses (``"host:port"`` or ``(host, port)``) used when a
-    call names none and ``FASTNAT_FORWARDERS`` is unset. ``secret``: the
+    call names none and ``FASTNAT_FORWARDERS`` is unset. ``registry``: a
+    registry URL (see :func:`fastnat.discovery.open_registry`). ``secret``: the
     secret proving this process's server ids. Other keywords set the fields of
     :class:`Settings`.
     """
     with _lock:
         if forwarders is not None:
             _settings.forwarders = [_parse_one(f) for f in forwarders]
+        if registry is not None:
+            if "://" not in registry:
+                raise ValueError(f"a registry URL looks like fastnat://host:port, got {registry!r}")
+            _settings.registry = registry or None
         if secret is not None:
             _settings.secret = secret.encode() if isinstance(secret, str) else secret
         if mux_config is not None:
@@ -105,26 +124,49 @@ def _parse_one(entry: str | tuple[str, int]) -> tuple[str, int]:
     return str(host), int(port)
 
 
+def parse_address(entry: str | tuple[str, int]) -> tuple[str, int]:
+    """``"host:port"`` (or ``(host, port)``) as ``(host, port)``; ValueError if malformed."""
+    return _parse_one(entry)
+
+
 def parse_forwarders(text: str) -> list[tuple[str, int]]:
     """Parse ``"host:port,host:port"``."""
     return [_parse_one(part) for part in text.split(",") if part.strip()]
 
 
+def registry_url() -> str | None:
+    """The configured registry URL: ``FASTNAT_REGISTRY``, else :func:`configure`."""
+    env = os.environ.get(REGISTRY_ENV, "").strip()
+    return env or _settings.registry
+
+
+def static_forwarders() -> list[tuple[str, int]]:
+    """``FASTNAT_FORWARDERS``, else the list given to :func:`configure`."""
+    env = os.environ.get(FORWARDERS_ENV, "").strip()
+    if env:
+        return parse_forwarders(env)
+    return list(_settings.forwarders)
+
+
+def no_forwarder_error() -> NoForwarderError:
+    return NoForwarderError(
+        "no forwarder is configured: pass forwarderIP and forwarderPort, set "
+        f"{FORWARDERS_ENV}=host:port[,host:port...] or {REGISTRY_ENV}=fastnat://host:port, or call "
+        "fastnat.configure(forwarders=['host:port']) or fastnat.configure(registry='fastnat://host:port')"
+    )
+
+
 def choose_forwarders(host: str | None = None, port: int | None = None) -> list[tuple[str, int]]:
-    """The forwarders to try, in order (see the module's docstring)."""
+    """The forwarders to try without a registry: the explicit one, else the
+    static list; :class:`NoForwarderError` when there is none."""
     if host is not None:
         if port is None:
             raise ValueError("forwarderIP was given without forwarderPort")
         return [(host, int(port))]
-    env = os.environ.get(FORWARDERS_ENV, "").strip()
-    if env:
-        return parse_forwarders(env)
-    if _settings.forwarders:
-        return list(_settings.forwarders)
-    raise NoForwarderError(
-        "no forwarder is configured: pass forwarderIP and forwarderPort, set "
-        f"{FORWARDERS_ENV}=host:port[,host:port...], or call fastnat.configure(forwarders=['host:port'])"
-    )
+    found = static_forwarders()
+    if found:
+        return found
+    raise no_forwarder_error()
 
 
 def secret_from_env() -> bytes | None:

@@ -25,7 +25,8 @@ from fastnat.protocol import (
     parse_reply,
     reply_error,
 )
-from fastnat.settings import choose_forwarders
+from fastnat.locate import forget_server, forwarders_for_client, remember_working
+from fastnat.settings import choose_forwarders, parse_address
 
 __all__ = ["open_connection", "request", "external_address", "check_bidirectional", "combine_failures"]
 
@@ -137,7 +138,8 @@ async def open_connection(
     names one (``"host:port"``); by default the configured ones are tried in
     order. Statuses raise their own errors (:mod:`fastnat.errors`).
     """
-    candidates = _candidates(forwarder)
+    explicit = None if forwarder is None else parse_address(forwarder)
+    candidates = await forwarders_for_client(server_id, explicit)
     failures: list[tuple[str, BaseException]] = []
     for host, fport in candidates:
         try:
@@ -155,6 +157,7 @@ async def open_connection(
             failures.append((_where(host, fport), exc))
             continue
         if reply.status == Status.CONFIRMED:
+            remember_working(server_id, (host, fport))
             sock = writer.get_extra_info("socket")
             if sock is not None:
                 with contextlib.suppress(OSError):
@@ -162,15 +165,14 @@ async def open_connection(
             return reader, writer
         writer.close()
         failures.append((_where(host, fport), reply_error(reply, f"{server_id!r} port {port} via {_where(host, fport)}")))
+    forget_server(server_id)
     raise combine_failures(f"connecting to {server_id!r} port {port}", failures)
 
 
 def _candidates(forwarder: str | tuple[str, int] | None) -> list[tuple[str, int]]:
     if forwarder is None:
         return choose_forwarders()
-    from fastnat.settings import _parse_one
-
-    return [_parse_one(forwarder)]
+    return [parse_address(forwarder)]
 
 
 async def _simple_request(forwarder: str | tuple[str, int] | None, name: str, value: Any, timeout: float) -> Any:

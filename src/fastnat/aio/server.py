@@ -7,10 +7,13 @@ forwarder opens a stream whose first message is the ``open`` request (port
 and the client's address); the server accepts it and hands the stream to the
 handler registered for that port.
 
-One id has one :class:`Registration` (one session) per event loop, whatever
-the number of ports; with ``persist`` it survives the loss of its forwarder
-by reconnecting (to the same or another one) with capped, jittered
-exponential backoff and registering everything again.
+One id has one :class:`Registration` per event loop, whatever the number of
+ports, holding one session per forwarder it is registered at (``redundancy``
+of them). With ``persist`` each survives the loss of its forwarder by
+reconnecting (to the same or another one) with capped, jittered exponential
+backoff and registering everything again. With a registry, the id is
+announced as ``__NAT_SRV__<id> -> forwarderip*clientport`` for each
+forwarder, renewed every ``announce_interval`` and withdrawn at once on stop.
 """
 
 from __future__ import annotations
@@ -25,7 +28,15 @@ from fastnat.aio._control import FirstMessage, read_message
 from fastnat.aio.client import combine_failures
 from fastnat.aio.session import MuxSession
 from fastnat.aio.stream import MuxStream, StreamTransport
-from fastnat.errors import ControlProtocolError, ForwarderUnreachableError, NATLayerError
+from fastnat.discovery import Registry
+from fastnat.errors import (
+    AuthenticationError,
+    ControlProtocolError,
+    ForwarderUnreachableError,
+    IdTakenError,
+    NATLayerError,
+)
+from fastnat.locate import ForwarderAddress, forwarders_for_server, server_key, shared_registry
 from fastnat.mux_config import MuxConfig
 from fastnat.protocol import (
     ROLE_SERVER,
@@ -42,7 +53,7 @@ from fastnat.protocol import (
     validate_port,
     validate_server_id,
 )
-from fastnat.settings import choose_forwarders, get_settings, secret_from_env
+from fastnat.settings import get_settings, parse_address, secret_from_env
 
 __all__ = ["Registration", "NATServer", "start_server", "ErrorDelegate"]
 
@@ -98,96 +109,50 @@ class _HelloClient(asyncio.Protocol):
             await asyncio.wait_for(self.waiter, max(0.0, deadline - loop.time()))
 
 
-class Registration:
-    """One server id at a forwarder, with its ports and their handlers."""
+class _Link:
+    """One session to one forwarder, with its control stream."""
 
-    def __init__(
-        self,
-        server_id: str,
-        *,
-        forwarder: tuple[str, int] | None = None,
-        secret: bytes | None = None,
-        persist: bool = True,
-        config: MuxConfig | None = None,
-        connect_timeout: float = 5.0,
-    ) -> None:
-        self.server_id = validate_server_id(server_id)
-        self._forwarder = forwarder
-        settings = get_settings()
-        self._secret = secret if secret is not None else (settings.secret or secret_from_env())
-        self.persist = persist
-        self._config = config or settings.mux_config
-        self._connect_timeout = connect_timeout
-        self._loop = asyncio.get_running_loop()
-        self.ports: dict[int, StreamHandler] = {}
-        self.error_delegates: list[ErrorDelegate] = []
+    def __init__(self, registration: Registration, forwarder: ForwarderAddress) -> None:
+        self.registration = registration
+        self.forwarder = forwarder
+        self.where = f"forwarder {forwarder.host}:{forwarder.port}"
         self.session: MuxSession | None = None
-        self.forwarder_address: tuple[str, int] | None = None
         self._control: MuxStream | None = None
         self._control_lock = asyncio.Lock()
         self._request_id = 0
-        self._alive = False
-        self._closing = False
-        self._supervisor: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self.reconnects = 0
-
-    # ----------------------------------------------------------- state
+        self.registered = False
+        self.supervisor: asyncio.Task[None] | None = None
+        self.closed = False
 
     @property
     def alive(self) -> bool:
-        """True while connected to a forwarder and registered there."""
-        return self._alive and self.session is not None and not self.session.is_closing()
+        return self.registered and self.session is not None and not self.session.is_closing()
 
     def __repr__(self) -> str:
-        where = f"{self.forwarder_address[0]}:{self.forwarder_address[1]}" if self.forwarder_address else "-"
-        return f"<Registration {self.server_id!r} at {where} ports={sorted(self.ports)} alive={self.alive}>"
+        return f"<link {self.registration.server_id!r} at {self.where} alive={self.alive}>"
 
-    # ----------------------------------------------------------- setup
-
-    def _candidates(self) -> list[tuple[str, int]]:
-        if self._forwarder is not None:
-            return [self._forwarder]
-        found = choose_forwarders()
-        if self.forwarder_address in found:  # the one that worked goes first
-            found.remove(self.forwarder_address)
-            found.insert(0, self.forwarder_address)
-        return found
-
-    async def start(self) -> None:
-        """Connect and register (trying each forwarder in turn); raise if none accepts."""
-        await self._connect_any()
-        self._supervisor = self._loop.create_task(self._supervise())
-
-    async def _connect_any(self) -> None:
-        failures: list[tuple[str, BaseException]] = []
-        for host, port in self._candidates():
-            try:
-                await self._connect(host, port)
-                return
-            except (NATLayerError, OSError) as exc:
-                failures.append((f"forwarder {host}:{port}", exc))
-        raise combine_failures(f"registering {self.server_id!r}", failures)
-
-    async def _connect(self, host: str, port: int) -> None:
-        where = f"forwarder {host}:{port}"
-        loop = self._loop
+    async def connect(self) -> None:
+        """Dial, say hello as a server, register the id and every port."""
+        reg = self.registration
+        host, port = self.forwarder.host, self.forwarder.port
+        where = self.where
+        loop = asyncio.get_running_loop()
         settings = get_settings()
         try:
             transport, hello = await asyncio.wait_for(
-                loop.create_connection(_HelloClient, host, port), self._connect_timeout
+                loop.create_connection(_HelloClient, host, port), reg._connect_timeout
             )
         except (TimeoutError, asyncio.TimeoutError):
-            raise ForwarderUnreachableError(f"{where}: no connection within {self._connect_timeout:g} s") from None
+            raise ForwarderUnreachableError(f"{where}: no connection within {reg._connect_timeout:g} s") from None
         except OSError as exc:
             raise ForwarderUnreachableError(f"{where}: {exc.strerror or exc}") from exc
         session: MuxSession | None = None
         try:
             transport.write(encode_hello(ROLE_SERVER))
             try:
-                reply, rest = await hello.read_hello_reply(self._connect_timeout)
+                reply, rest = await hello.read_hello_reply(reg._connect_timeout)
             except (TimeoutError, asyncio.TimeoutError):
-                raise ForwarderUnreachableError(f"{where}: no hello within {self._connect_timeout:g} s") from None
+                raise ForwarderUnreachableError(f"{where}: no hello within {reg._connect_timeout:g} s") from None
             except ConnectionError as exc:
                 raise ForwarderUnreachableError(f"{where}: {exc}") from exc
             except ControlProtocolError as exc:
@@ -198,17 +163,17 @@ class Registration:
             session = MuxSession.from_transport(
                 transport,
                 client=True,
-                config=self._config,
+                config=reg._config,
                 initial_data=rest,
                 keepalive_interval=settings.keepalive_interval,
                 keepalive_timeout=settings.keepalive_timeout,
             )
-            control = await session.open_stream()
-            self.session, self._control, self.forwarder_address = session, control, (host, port)
-            proof = registration_proof(self._secret, reply.nonce, self.server_id) if self._secret else None
-            await self._request("reg_serv", {"server": self.server_id, "proof": proof}, where)
-            for registered_port in list(self.ports):
-                await self._request("reg_port", {"server": self.server_id, "port": registered_port}, where)
+            self.session = session
+            self._control = await session.open_stream()
+            proof = registration_proof(reg._secret, reply.nonce, reg.server_id) if reg._secret else None
+            await self.request("reg_serv", {"server": reg.server_id, "proof": proof})
+            for registered_port in list(reg.ports):
+                await self.request("reg_port", {"server": reg.server_id, "port": registered_port})
         except BaseException:
             if session is not None:
                 session.close()
@@ -217,17 +182,16 @@ class Registration:
             self.session = None
             self._control = None
             raise
-        self._alive = True
-        self._spawn(self._accept_streams(session))
-        log.info("%r registered at %s", self.server_id, where)
+        self.registered = True
+        reg._spawn(self._accept_streams(session))
+        log.info("%r registered at %s", reg.server_id, where)
 
-    async def _request(self, name: str, value: Any, where: str | None = None) -> Any:
+    async def request(self, name: str, value: Any) -> Any:
         """One control request; raises the error its status maps to."""
         control = self._control
+        where = self.where
         if control is None:
-            raise ForwarderUnreachableError(f"{self.server_id!r} is not connected to a forwarder")
-        if where is None and self.forwarder_address is not None:
-            where = f"forwarder {self.forwarder_address[0]}:{self.forwarder_address[1]}"
+            raise ForwarderUnreachableError(f"{where}: not connected")
         async with self._control_lock:
             self._request_id += 1
             control.write(encode_request(self._request_id, name, value))
@@ -241,33 +205,198 @@ class Registration:
             raise ForwarderUnreachableError(f"{where}: the control stream closed during {name}")
         reply = parse_reply(message)
         if reply.status != Status.OK:
-            raise reply_error(reply, f"{name} {self.server_id!r} at {where}")
+            raise reply_error(reply, f"{name} {self.registration.server_id!r} at {where}")
         return reply.value
+
+    async def _accept_streams(self, session: MuxSession) -> None:
+        reg = self.registration
+        try:
+            while True:
+                transport = await session.accept_transport()
+                reg._spawn(reg._serve_stream(transport))
+        except ConnectionError:
+            pass
+
+    async def close(self, deregister: bool) -> None:
+        self.closed = True
+        if deregister and self.alive:
+            try:
+                await self.request("dereg_serv", {"server": self.registration.server_id})
+            except (NATLayerError, OSError) as exc:
+                log.info("dereg_serv %r at %s: %s", self.registration.server_id, self.where, exc)
+        self.registered = False
+        session = self.session
+        if session is not None:
+            session.close()
+            await session.wait_closed()
+
+
+class Registration:
+    """One server id, held at one or more forwarders (``redundancy``), with
+    its ports and their handlers, announced in the registry if there is one."""
+
+    def __init__(
+        self,
+        server_id: str,
+        *,
+        forwarder: tuple[str, int] | None = None,
+        secret: bytes | None = None,
+        persist: bool = True,
+        config: MuxConfig | None = None,
+        connect_timeout: float = 5.0,
+        redundancy: int = 1,
+        registry: Registry | None = None,
+    ) -> None:
+        self.server_id = validate_server_id(server_id)
+        if type(redundancy) is not int or redundancy < 1:
+            raise ValueError(f"redundancy must be a positive integer, got {redundancy!r}")
+        if forwarder is not None and redundancy > 1:
+            raise ValueError("redundancy above 1 needs several forwarders: name none, configure a registry or a list")
+        self._forwarder = forwarder
+        settings = get_settings()
+        self._secret = secret if secret is not None else (settings.secret or secret_from_env())
+        self.persist = persist
+        self.redundancy = redundancy
+        self._config = config or settings.mux_config
+        self._connect_timeout = connect_timeout
+        self._loop = asyncio.get_running_loop()
+        self._registry = registry if registry is not None else (shared_registry() if forwarder is None else None)
+        self.ports: dict[int, StreamHandler] = {}
+        self.error_delegates: list[ErrorDelegate] = []
+        self.links: list[_Link] = []
+        self._closing = False
+        self._announcer: asyncio.Task[None] | None = None
+        self._announced: set[str] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.reconnects = 0
+
+    # ----------------------------------------------------------- state
+
+    @property
+    def alive(self) -> bool:
+        """True while registered at at least one forwarder."""
+        return any(link.alive for link in self.links)
+
+    @property
+    def session(self) -> MuxSession | None:
+        """The session of the first live link (of the first link if none is live)."""
+        for link in self.links:
+            if link.alive:
+                return link.session
+        return self.links[0].session if self.links else None
+
+    @property
+    def forwarder_address(self) -> tuple[str, int] | None:
+        for link in self.links:
+            if link.alive:
+                return (link.forwarder.host, link.forwarder.port)
+        return None
+
+    @property
+    def forwarder_addresses(self) -> list[tuple[str, int]]:
+        """Where the id is registered now."""
+        return [(link.forwarder.host, link.forwarder.port) for link in self.links if link.alive]
+
+    def __repr__(self) -> str:
+        where = ", ".join(f"{h}:{p}" for h, p in self.forwarder_addresses) or "-"
+        return f"<Registration {self.server_id!r} at {where} ports={sorted(self.ports)} alive={self.alive}>"
+
+    # ----------------------------------------------------------- setup
+
+    async def _candidates(self, exclude: set[ForwarderAddress]) -> list[ForwarderAddress]:
+        found = await forwarders_for_server(self._forwarder, registry=self._registry)
+        return [f for f in found if f not in exclude]
+
+    def _in_use(self) -> set[ForwarderAddress]:
+        return {link.forwarder for link in self.links if not link.closed}
+
+    async def start(self) -> None:
+        """Register at ``redundancy`` forwarders (at least one, or raise)."""
+        failures: list[tuple[str, BaseException]] = []
+        for forwarder in await self._candidates(set()):
+            if len(self.links) >= self.redundancy:
+                break
+            link = _Link(self, forwarder)
+            try:
+                await link.connect()
+            except (NATLayerError, OSError) as exc:
+                failures.append((link.where, exc))
+                if isinstance(exc, (IdTakenError, AuthenticationError)) and self._forwarder is not None:
+                    break
+                continue
+            self.links.append(link)
+        if not self.links:
+            raise combine_failures(f"registering {self.server_id!r}", failures)
+        if len(self.links) < self.redundancy:
+            log.warning("%r: registered at %d of %d forwarders", self.server_id, len(self.links), self.redundancy)
+        for link in self.links:
+            link.supervisor = self._loop.create_task(self._supervise(link))
+        # the missing links are made by a supervisor of their own
+        for _ in range(self.redundancy - len(self.links)):
+            self._loop.create_task(self._supervise(None))
+        await self._announce()
+        if self._registry is not None:
+            self._announcer = self._loop.create_task(self._announce_forever())
+
+    # ----------------------------------------------------------- registry
+
+    async def _announce(self) -> None:
+        """Announce every live link under __NAT_SRV__<id>; withdraw the others."""
+        registry = self._registry
+        if registry is None:
+            return
+        settings = get_settings()
+        key = server_key(self.server_id)
+        now = {link.forwarder.server_value() for link in self.links if link.alive}
+        for value in now:
+            try:
+                await registry.announce(key, value, settings.announce_ttl)
+            except (OSError, ValueError) as exc:
+                log.warning("announcing %r in %s failed: %s", self.server_id, registry.url, exc)
+        for value in self._announced - now:
+            await self._withdraw(key, value)
+        self._announced = now
+
+    async def _withdraw(self, key: str, value: str) -> None:
+        registry = self._registry
+        if registry is None:
+            return
+        try:
+            await registry.withdraw(key, value)
+        except (OSError, ValueError) as exc:
+            log.info("withdrawing %r from %s failed: %s", self.server_id, registry.url, exc)
+
+    async def _announce_forever(self) -> None:
+        while not self._closing:
+            await asyncio.sleep(get_settings().announce_interval)
+            await self._announce()
 
     # ----------------------------------------------------------- ports
 
     async def add_port(self, port: int, handler: StreamHandler) -> None:
-        """Register ``port`` (at the forwarder too, when connected)."""
+        """Register ``port`` (at every forwarder the id is held at)."""
         validate_port(port)
         if port in self.ports:
             raise ValueError(f"{self.server_id!r} already listens on port {port}")
         self.ports[port] = handler
-        if self.alive:
-            try:
-                await self._request("reg_port", {"server": self.server_id, "port": port})
-            except BaseException:
-                self.ports.pop(port, None)
-                raise
+        try:
+            for link in list(self.links):
+                if link.alive:
+                    await link.request("reg_port", {"server": self.server_id, "port": port})
+        except BaseException:
+            self.ports.pop(port, None)
+            raise
 
     async def remove_port(self, port: int) -> None:
         """Deregister ``port``; with no port left, deregister the id and close."""
         if self.ports.pop(port, None) is None:
             return
-        if self.alive:
-            try:
-                await self._request("dereg_port", {"server": self.server_id, "port": port})
-            except (NATLayerError, OSError) as exc:
-                log.info("dereg_port %d of %r: %s", port, self.server_id, exc)
+        for link in list(self.links):
+            if link.alive:
+                try:
+                    await link.request("dereg_port", {"server": self.server_id, "port": port})
+                except (NATLayerError, OSError) as exc:
+                    log.info("dereg_port %d of %r at %s: %s", port, self.server_id, link.where, exc)
         if not self.ports:
             await self.close()
 
@@ -278,14 +407,6 @@ class Registration:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
-
-    async def _accept_streams(self, session: MuxSession) -> None:
-        try:
-            while True:
-                transport = await session.accept_transport()
-                self._spawn(self._serve_stream(transport))
-        except ConnectionError:
-            pass
 
     async def _serve_stream(self, transport: StreamTransport) -> None:
         first = FirstMessage()
@@ -318,36 +439,64 @@ class Registration:
 
     # ----------------------------------------------------------- life
 
-    async def _supervise(self) -> None:
-        """Wait for the session to end; with ``persist``, reconnect."""
+    async def _supervise(self, link: _Link | None) -> None:
+        """Keep one link up: wait for it to die; with ``persist``, make it
+        again (at the same or another forwarder no other link uses)."""
         settings = get_settings()
         while not self._closing:
-            session = self.session
-            if session is not None:
-                await session.wait_closed()
-            if self._closing:
-                return
-            self._alive = False
-            error: BaseException = (session._error if session is not None else None) or ConnectionResetError(
-                "the forwarder closed the session"
-            )
-            self._report(session, "forwarder link", error)
-            if not self.persist:
-                log.warning("%r lost its forwarder and does not persist: %s", self.server_id, error)
-                self._forget()
-                return
-            delay = settings.reconnect_initial_delay
-            while not self._closing:
-                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-                if self._closing:
+            if link is not None:
+                session = link.session
+                if session is not None:
+                    await session.wait_closed()
+                if self._closing or link.closed:
                     return
+                link.registered = False
+                error: BaseException = (session._error if session is not None else None) or ConnectionResetError(
+                    "the forwarder closed the session"
+                )
+                self._report(session, f"forwarder link {link.where}", error)
+                if link in self.links:
+                    self.links.remove(link)
+                await self._announce()
+                if not self.persist:
+                    log.warning("%r lost %s and does not persist: %s", self.server_id, link.where, error)
+                    if not self.links:
+                        self._forget()
+                    return
+            link = await self._relink(settings.reconnect_initial_delay, settings.reconnect_max_delay)
+            if link is None:
+                return
+
+    async def _relink(self, delay: float, max_delay: float) -> _Link | None:
+        """Make a new link, with capped, jittered exponential backoff."""
+        while not self._closing:
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            if self._closing:
+                return None
+            failures: list[str] = []
+            try:
+                candidates = await self._candidates(self._in_use())
+            except (NATLayerError, OSError) as exc:
+                candidates = []
+                failures.append(str(exc))
+            for forwarder in candidates:
+                link = _Link(self, forwarder)
                 try:
-                    await self._connect_any()
-                    self.reconnects += 1
-                    break
+                    await link.connect()
                 except (NATLayerError, OSError) as exc:
-                    log.info("%r: reconnecting failed (next try in about %.1f s): %s", self.server_id, delay, exc)
-                    delay = min(delay * 2, settings.reconnect_max_delay)
+                    failures.append(str(exc))
+                    continue
+                if self._closing:
+                    await link.close(deregister=True)
+                    return None
+                self.links.append(link)
+                self.reconnects += 1
+                await self._announce()
+                return link
+            log.info("%r: no forwarder took the registration (next try in about %.1f s): %s",
+                     self.server_id, delay, "; ".join(failures) or "none found")
+            delay = min(delay * 2, max_delay)
+        return None
 
     def _report(self, session: Any, where: str, error: BaseException) -> None:
         for delegate in list(self.error_delegates):
@@ -357,23 +506,22 @@ class Registration:
                 log.exception("%r: an error delegate failed", self.server_id)
 
     async def close(self) -> None:
-        """Deregister the id and close the session; harmless when repeated."""
+        """Withdraw the announcements, deregister the id everywhere and close
+        the sessions; harmless when repeated."""
         if self._closing:
             return
         self._closing = True
         self._forget()
-        if self.alive:
-            try:
-                await self._request("dereg_serv", {"server": self.server_id})
-            except (NATLayerError, OSError) as exc:
-                log.info("dereg_serv %r: %s", self.server_id, exc)
-        self._alive = False
-        session = self.session
-        if session is not None:
-            session.close()
-            await session.wait_closed()
-        if self._supervisor is not None and self._supervisor is not asyncio.current_task():
-            self._supervisor.cancel()
+        if self._announcer is not None and self._announcer is not asyncio.current_task():
+            self._announcer.cancel()
+        key = server_key(self.server_id)
+        for value in list(self._announced):
+            await self._withdraw(key, value)
+        self._announced.clear()
+        for link in list(self.links):
+            await link.close(deregister=True)
+            if link.supervisor is not None and link.supervisor is not asyncio.current_task():
+                link.supervisor.cancel()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -393,6 +541,7 @@ async def get_registration(
     persist: bool = True,
     config: MuxConfig | None = None,
     connect_timeout: float = 5.0,
+    redundancy: int = 1,
 ) -> Registration:
     """The running registration of ``server_id`` on this loop, started if need be."""
     validate_server_id(server_id)
@@ -401,7 +550,13 @@ async def get_registration(
     if registration is not None and not registration._closing:
         return registration
     registration = Registration(
-        server_id, forwarder=forwarder, secret=secret, persist=persist, config=config, connect_timeout=connect_timeout
+        server_id,
+        forwarder=forwarder,
+        secret=secret,
+        persist=persist,
+        config=config,
+        connect_timeout=connect_timeout,
+        redundancy=redundancy,
     )
     await registration.start()
     _registrations[key] = registration
@@ -470,6 +625,7 @@ async def start_server(
     config: MuxConfig | None = None,
     limit: int = 256 * 1024,
     connect_timeout: float = 5.0,
+    redundancy: int = 1,
 ) -> NATServer:
     """Serve ``port`` of ``server_id`` through a forwarder; shaped like
     :func:`asyncio.start_server`.
@@ -478,16 +634,16 @@ async def start_server(
     if it is a coroutine function); ``writer.get_extra_info("peername")`` is
     the client's real address. With ``persist`` the registration survives
     the loss of its forwarder; ``error_callback(session, where, exc)`` is
-    called at each such loss.
+    called at each such loss. ``redundancy=N`` holds the id at N forwarders
+    at once (found in the registry or the configured list), so that clients
+    reach it through the others when one dies.
     """
     if isinstance(forwarder, str):
-        from fastnat.settings import _parse_one
-
-        forwarder = _parse_one(forwarder)
+        forwarder = parse_address(forwarder)
     secret_bytes = secret.encode() if isinstance(secret, str) else secret
     registration = await get_registration(
         server_id, forwarder=forwarder, secret=secret_bytes, persist=persist, config=config,
-        connect_timeout=connect_timeout,
+        connect_timeout=connect_timeout, redundancy=redundancy,
     )
     if error_callback is not None:
         registration.error_delegates.append(error_callback)
