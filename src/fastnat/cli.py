@@ -1,75 +1,193 @@
-"""fastnat's command line. The only module that parses flags or configures logging."""
+"""fastnat's command line: the only module that parses flags or configures logging.
+
+Every option can also come from a ``FASTNAT_*`` environment variable (named
+in ``--help``). A user's mistake prints one line and exits 1; SIGINT and
+SIGTERM stop a running command cleanly (deregistering, withdrawing
+announcements) and exit 0.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import os
 import signal
+import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from fastnat.aio._loop import run
+from fastnat.errors import NATLayerError
 from fastnat.forwarder import Forwarder, ForwarderLimits, load_secrets
 
 __all__ = ["main"]
 
 log = logging.getLogger("fastnat.cli")
 
+DEFAULT_FORWARDER_PORT = 12345
+DEFAULT_REGISTRY_PORT = 12346
 
-def _forwarder_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("forwarder", help="run a forwarder (relay) in the foreground until SIGINT/SIGTERM")
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    p.add_argument("--port", type=int, default=12345, help="port for servers and clients alike (default 12345)")
-    p.add_argument("--secret", help="demand proof of this secret from servers registering an id")
-    p.add_argument("--secrets-file", help="file of per-id secrets, one 'id secret' per line")
+
+def _env(name: str, default: Any = None) -> Any:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def _address(text: str) -> tuple[str, int]:
+    """HOST:PORT for argparse."""
+    from fastnat.settings import parse_address
+
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+class _UserError(Exception):
+    """A mistake of the user's: one line, exit code 1."""
+
+
+# -------------------------------------------------------------------- parsers
+
+
+def _add_nat_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--forwarder",
+        type=_address,
+        default=None,
+        help="forwarder HOST:PORT to use (default: $FASTNAT_FORWARDERS, else a registry lookup)",
+    )
+    p.add_argument("--registry", default=_env("FASTNAT_REGISTRY"), help="registry URL (default: $FASTNAT_REGISTRY)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastnat",
+        description="Make TCP servers behind NATs reachable through relays (forwarders).",
+        epilog="Run 'fastnat COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log errors only")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
     defaults = ForwarderLimits()
-    p.add_argument("--max-servers", type=int, default=defaults.max_servers, help="server ids this forwarder holds")
-    p.add_argument(
-        "--max-clients-per-server", type=int, default=defaults.max_clients_per_server, help="concurrent clients per id"
-    )
-    p.add_argument(
-        "--max-pending-handshakes", type=int, default=defaults.max_pending_handshakes, help="unfinished handshakes"
-    )
-    p.add_argument(
-        "--handshake-timeout", type=float, default=defaults.handshake_timeout, help="seconds to finish a handshake"
-    )
-    p.add_argument(
-        "--registry",
-        help="registry URL to advertise this forwarder in (fastnat://host:port, redis://host:port/db); "
-        "by default it advertises in the registry it hosts itself",
-    )
-    p.add_argument("--advertise", help="address clients and servers reach this forwarder at (HOST or HOST:PORT)")
-    p.add_argument(
-        "--no-embedded-registry",
-        action="store_true",
-        help="do not host the built-in registry service on this forwarder's port",
-    )
+    p = sub.add_parser("forwarder", help="run a forwarder (relay), hosting the built-in registry: a complete deployment")
+    p.add_argument("--host", default=_env("FASTNAT_HOST", "0.0.0.0"), help="address to listen on ($FASTNAT_HOST, default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=int(_env("FASTNAT_PORT", DEFAULT_FORWARDER_PORT)),
+                   help=f"port for servers, clients and the registry alike ($FASTNAT_PORT, default {DEFAULT_FORWARDER_PORT})")
+    p.add_argument("--secret", default=_env("FASTNAT_SECRET"), help="demand proof of this secret from servers registering an id ($FASTNAT_SECRET)")
+    p.add_argument("--secrets-file", default=_env("FASTNAT_SECRETS_FILE"), help="file of per-id secrets, one 'id secret' per line ($FASTNAT_SECRETS_FILE)")
+    p.add_argument("--max-servers", type=int, default=defaults.max_servers, help=f"server ids this forwarder holds (default {defaults.max_servers})")
+    p.add_argument("--max-clients-per-server", type=int, default=defaults.max_clients_per_server,
+                   help=f"concurrent clients per id (default {defaults.max_clients_per_server})")
+    p.add_argument("--max-pending-handshakes", type=int, default=defaults.max_pending_handshakes,
+                   help=f"connections still in their handshake (default {defaults.max_pending_handshakes})")
+    p.add_argument("--handshake-timeout", type=float, default=defaults.handshake_timeout,
+                   help=f"seconds a new connection has to finish its handshake (default {defaults.handshake_timeout:g})")
+    p.add_argument("--registry", default=_env("FASTNAT_REGISTRY"),
+                   help="advertise in this registry URL instead of the one this forwarder hosts ($FASTNAT_REGISTRY)")
+    p.add_argument("--advertise", default=_env("FASTNAT_ADVERTISE"),
+                   help="address servers and clients reach this forwarder at, HOST or HOST:PORT ($FASTNAT_ADVERTISE; "
+                   "default: the listening address, or this host's address on its default route)")
+    p.add_argument("--no-embedded-registry", action="store_true", help="do not host the built-in registry service")
+
+    p = sub.add_parser("registry", help="run the built-in registry service alone")
+    p.add_argument("--host", default=_env("FASTNAT_HOST", "0.0.0.0"), help="address to listen on ($FASTNAT_HOST, default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=int(_env("FASTNAT_REGISTRY_PORT", DEFAULT_REGISTRY_PORT)),
+                   help=f"port ($FASTNAT_REGISTRY_PORT, default {DEFAULT_REGISTRY_PORT})")
+
+    p = sub.add_parser("expose", help="publish a local TCP service under ID, reachable through forwarders")
+    p.add_argument("id", help="the server id to publish under")
+    p.add_argument("port", type=int, help="the port clients ask for")
+    p.add_argument("--to", type=_address, default=None, help="the local service, HOST:PORT (default 127.0.0.1:PORT)")
+    p.add_argument("--proxy-protocol", action="store_true", help="send a PROXY protocol v1 header with the client's address first")
+    p.add_argument("--secret", default=_env("FASTNAT_SECRET"), help="secret proving the id, if the forwarder demands one ($FASTNAT_SECRET)")
+    p.add_argument("--redundancy", type=int, default=1, help="hold the id at this many forwarders at once (default 1)")
+    p.add_argument("--no-persist", action="store_true", help="exit when the forwarder link is lost instead of reconnecting")
+    _add_nat_options(p)
+
+    p = sub.add_parser("connect", help="reach port PORT of ID: a local port (--listen) or standard input/output")
+    p.add_argument("id", help="the server id")
+    p.add_argument("port", type=int, help="the server's port")
+    p.add_argument("--listen", type=_address, default=None, help="listen on HOST:PORT and carry each connection (like ssh -L)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to reach the server (default 5)")
+    _add_nat_options(p)
+
+    p = sub.add_parser("check", help="print the address a forwarder sees and whether this host needs the NAT layer")
+    p.add_argument("--local-ip", default=None, help="local address to test (default: the one used to reach the forwarder)")
+    p.add_argument("--port", type=int, default=0, help="local port for the test listener (default: a free one)")
+    _add_nat_options(p)
+
+    p = sub.add_parser("status", help="a forwarder's counters (servers, clients, bytes, refusals)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_nat_options(p)
+
+    p = sub.add_parser("bench", help="measure relay throughput and latency on this machine against direct TCP")
+    p.add_argument("--size", type=int, default=256, help="MiB per bulk transfer (default 256)")
+    p.add_argument("--round-trips", type=int, default=2000, help="64-byte round trips per round (default 2000)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds, relay and direct interleaved (default 3)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = sub.add_parser("_bench-peer", help=argparse.SUPPRESS)
+    p.add_argument("--forwarder", required=True)
+    return parser
 
 
-def _registry_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("registry", help="run the built-in registry service alone, until SIGINT/SIGTERM")
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    p.add_argument("--port", type=int, default=12346, help="port (default 12346)")
+# ------------------------------------------------------------------- commands
 
 
-async def _run_until_signal(start: Any, stop_and_wait: Any, ready: str) -> int:
-    stop = asyncio.Event()
+async def _until_signal(start: Callable[[], Awaitable[Any]], stop: Callable[[], Awaitable[Any]], ready: Callable[[], str],
+                        until: Awaitable[Any] | None = None) -> int:
+    """Start, print the ready line, wait for SIGINT/SIGTERM (or ``until``), stop."""
+    stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     # Handlers first: a signal that arrives as soon as we say we are ready
     # must stop us cleanly.
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stopping.set)
     await start()
     print(ready(), flush=True)
-    await stop.wait()
+    waiters = [loop.create_task(stopping.wait())]
+    if until is not None:
+        waiters.append(asyncio.ensure_future(until))
+    done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
     log.info("stopping")
-    await stop_and_wait()
+    await stop()
+    for task in done:
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
     return 0
 
 
-async def _run_registry(args: argparse.Namespace) -> int:
+async def _forwarder(args: argparse.Namespace) -> int:
+    limits = ForwarderLimits(
+        max_servers=args.max_servers,
+        max_clients_per_server=args.max_clients_per_server,
+        max_pending_handshakes=args.max_pending_handshakes,
+        handshake_timeout=args.handshake_timeout,
+    )
+    try:
+        secrets = load_secrets(args.secrets_file) if args.secrets_file else None
+    except OSError as exc:
+        raise _UserError(f"cannot read the secrets file: {exc}") from None
+    forwarder = Forwarder(
+        args.host, args.port, limits=limits, secret=args.secret, secrets=secrets,
+        registry=args.registry, advertise=args.advertise, host_registry=not args.no_embedded_registry,
+    )
+
+    async def stop() -> None:
+        forwarder.close()
+        await forwarder.wait_closed()
+
+    return await _until_signal(forwarder.start, stop, lambda: f"fastnat forwarder listening on {args.host}:{forwarder.port}")
+
+
+async def _registry(args: argparse.Namespace) -> int:
     from fastnat.discovery.service import RegistryServer
 
     server = RegistryServer(args.host, args.port)
@@ -78,53 +196,210 @@ async def _run_registry(args: argparse.Namespace) -> int:
         server.close()
         await server.wait_closed()
 
-    return await _run_until_signal(server.start, stop, lambda: f"fastnat registry listening on {args.host}:{server.port}")
+    return await _until_signal(server.start, stop, lambda: f"fastnat registry listening on {args.host}:{server.port}")
 
 
-async def _run_forwarder(args: argparse.Namespace) -> int:
-    limits = ForwarderLimits(
-        max_servers=args.max_servers,
-        max_clients_per_server=args.max_clients_per_server,
-        max_pending_handshakes=args.max_pending_handshakes,
-        handshake_timeout=args.handshake_timeout,
-    )
-    secrets = load_secrets(args.secrets_file) if args.secrets_file else None
-    forwarder = Forwarder(
-        args.host,
-        args.port,
-        limits=limits,
-        secret=args.secret,
-        secrets=secrets,
-        registry=args.registry,
-        advertise=args.advertise,
-        host_registry=not args.no_embedded_registry,
-    )
+def _configure_nat(args: argparse.Namespace) -> None:
+    import fastnat
+
+    if getattr(args, "registry", None):
+        fastnat.configure(registry=args.registry)
+
+
+async def _expose(args: argparse.Namespace) -> int:
+    from fastnat.tools.expose import expose
+
+    _configure_nat(args)
+    target = args.to or ("127.0.0.1", args.port)
+    secret = args.secret.encode() if args.secret else None
+    exposure: Any = None
+
+    async def start() -> None:
+        nonlocal exposure
+        exposure = await expose(
+            args.id, args.port, target, forwarder=args.forwarder, secret=secret,
+            proxy_protocol=args.proxy_protocol, persist=not args.no_persist, redundancy=args.redundancy,
+        )
 
     async def stop() -> None:
-        forwarder.close()
-        await forwarder.wait_closed()
+        if exposure is not None:
+            await exposure.close()
 
-    return await _run_until_signal(
-        forwarder.start, stop, lambda: f"fastnat forwarder listening on {args.host}:{forwarder.port}"
-    )
+    async def lost() -> None:
+        # Without persist, the command ends when its last forwarder link does.
+        while exposure is None or exposure.registration.alive or exposure.registration.persist:
+            await asyncio.sleep(0.5)
+        raise _UserError("the forwarder link was lost (--no-persist)")
+
+    def ready() -> str:
+        where = ", ".join(f"{h}:{p}" for h, p in exposure.registration.forwarder_addresses)
+        return f"fastnat: {args.id} port {args.port} -> {target[0]}:{target[1]}, through {where}"
+
+    return await _until_signal(start, stop, ready, lost())
+
+
+async def _connect_listen(args: argparse.Namespace) -> int:
+    from fastnat.tools.tunnel import listen
+
+    _configure_nat(args)
+    tunnel: Any = None
+
+    async def start() -> None:
+        nonlocal tunnel
+        tunnel = await listen(args.id, args.port, args.listen[0], args.listen[1], forwarder=args.forwarder, timeout=args.timeout)
+
+    async def stop() -> None:
+        if tunnel is not None:
+            await tunnel.close()
+
+    def ready() -> str:
+        host, port = tunnel.address
+        return f"fastnat: listening on {host}:{port} -> {args.id} port {args.port}"
+
+    return await _until_signal(start, stop, ready)
+
+
+def _connect_stdio(args: argparse.Namespace) -> int:
+    import fastnat
+    from fastnat.tools.tunnel import stdio
+
+    _configure_nat(args)
+    host, port = args.forwarder if args.forwarder else (None, None)
+    sock = fastnat.nat_openconn(args.id, args.port, timeout=args.timeout, forwarderIP=host, forwarderPort=port)
+    signal.signal(signal.SIGTERM, lambda *_: sock.shutdown(socket.SHUT_RDWR))
+    try:
+        stdio(sock)
+    except KeyboardInterrupt:
+        sock.close()
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    import fastnat
+    from fastnat.natlayer import _local_ip_towards
+
+    _configure_nat(args)
+    host, port = args.forwarder if args.forwarder else (None, None)
+    external = fastnat.getmy_external_ip(host, port)
+    if args.local_ip:
+        local_ip = args.local_ip
+    else:
+        target = host or _first_forwarder_host()
+        local_ip = _local_ip_towards(target) if target else "127.0.0.1"
+    test_port = args.port or _free_port(local_ip)
+    needed = fastnat.nat_check_bi_directional(local_ip, test_port, host, port)
+    print(f"external address: {external}")
+    print(f"local address:    {local_ip}")
+    if needed:
+        print(f"NAT layer needed: yes (a forwarder could not connect back to {local_ip}:{test_port})")
+    else:
+        print(f"NAT layer needed: no (a forwarder connected back to {local_ip}:{test_port})")
+    return 0
+
+
+def _first_forwarder_host() -> str | None:
+    from fastnat.settings import registry_url, static_forwarders
+
+    found = static_forwarders()
+    if found:
+        return found[0][0]
+    url = registry_url()
+    if url and "://" in url:
+        rest = url.split("://", 1)[1]
+        return rest.rsplit(":", 1)[0].strip("[]") or None
+    return None
+
+
+def _free_port(ip: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET) as probe:
+        probe.bind((ip, 0))
+        return int(probe.getsockname()[1])
+
+
+async def _status(args: argparse.Namespace) -> int:
+    from fastnat.aio.client import _simple_request
+
+    _configure_nat(args)
+    stats = await _simple_request(args.forwarder, "stats", None, 5.0)
+    if args.json:
+        print(json.dumps(stats, indent=2, sort_keys=True))
+        return 0
+    print(_stats_table(stats))
+    return 0
+
+
+def _stats_table(stats: dict[str, Any]) -> str:
+    lines = [
+        f"servers            {stats['servers']}",
+        f"sessions           {stats['sessions']} (total {stats['sessions_total']})",
+        f"clients            {stats['clients_active']} active, {stats['clients_total']} total",
+        f"bytes              {stats['bytes_client_to_server']:,} client->server, {stats['bytes_server_to_client']:,} server->client",
+        f"pending handshakes {stats['pending_handshakes']}",
+        "refusals           " + (", ".join(f"{k} {v}" for k, v in sorted(stats["refusals"].items())) or "none"),
+    ]
+    per_server = stats.get("per_server") or {}
+    if per_server:
+        lines.append("")
+        lines.append(f"{'server':<24} {'ports':<14} {'clients':>8} {'total':>8} {'bytes in':>14} {'bytes out':>14} {'refused':>8}")
+        for sid, e in sorted(per_server.items()):
+            ports = ",".join(str(p) for p in e.get("ports", [])) or "-"
+            lines.append(
+                f"{sid:<24.24} {ports:<14.14} {e['clients_active']:>8} {e['clients_total']:>8} "
+                f"{e['bytes_client_to_server']:>14,} {e['bytes_server_to_client']:>14,} {e['refusals']:>8}"
+            )
+        omitted = stats.get("per_server_omitted", 0)
+        if omitted:
+            lines.append(f"... and {omitted} more servers")
+    return "\n".join(lines)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from fastnat.tools.benchmark import format_table, run_benchmark
+
+    if args.size < 1 or args.round_trips < 10 or args.rounds < 1:
+        raise _UserError("--size must be at least 1, --round-trips at least 10, --rounds at least 1")
+    print(f"fastnat bench: forwarder, server and client on 127.0.0.1 ({args.rounds} rounds)...", file=sys.stderr)
+    result = run_benchmark(size_mib=args.size, round_trips=args.round_trips, rounds=args.rounds)
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
+def _bench_peer(args: argparse.Namespace) -> int:
+    from fastnat.tools.benchmark import serve_peer
+
+    run(serve_peer(args.forwarder))
+    return 0
+
+
+# ----------------------------------------------------------------------- main
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastnat", description="Reach TCP servers behind NATs through relays.")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _forwarder_parser(sub)
-    _registry_parser(sub)
+    parser = _build_parser()
     args = parser.parse_args(argv)
     level = logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         if args.command == "forwarder":
-            return run(_run_forwarder(args))
+            return run(_forwarder(args))
         if args.command == "registry":
-            return run(_run_registry(args))
-    except (OSError, ValueError) as exc:
+            return run(_registry(args))
+        if args.command == "expose":
+            return run(_expose(args))
+        if args.command == "connect":
+            return run(_connect_listen(args)) if args.listen else _connect_stdio(args)
+        if args.command == "check":
+            return _check(args)
+        if args.command == "status":
+            return run(_status(args))
+        if args.command == "bench":
+            return _bench(args)
+        if args.command == "_bench-peer":
+            return _bench_peer(args)
+    except (_UserError, NATLayerError, OSError, ValueError, RuntimeError) as exc:
         print(f"fastnat: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 0
+    parser.error(f"unknown command {args.command!r}")
     return 2

@@ -299,6 +299,7 @@ class _Handshake(asyncio.Protocol):
         self.pending = False  # counted in the forwarder's pending handshakes
         self.lost = False
         self.busy = False  # a request is being served
+        self.eof = False  # the client half-closed while its request was served
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -413,6 +414,12 @@ class _Handshake(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
         fwd._server_connected(link)
+
+    def eof_received(self) -> bool:
+        if self.busy:
+            self.eof = True  # relayed as a FIN once the splice runs
+            return True
+        return False  # nothing asked yet: the connection is over
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -791,6 +798,8 @@ class Forwarder:
                 stream,
                 initial_a=bytes(hs.buffer),
                 initial_b=bytes(opener.rest),
+                eof_a=hs.eof,
+                eof_b=opener.eof,
                 on_bytes=lambda direction, n: self._count_bytes(server_id, direction, n),
             )
             hs.buffer.clear()

@@ -60,6 +60,7 @@ class _End(asyncio.BufferedProtocol):
         self.buffer: ReadBuffer | None = None
         self.eof = False  # this side sent its FIN (read EOF)
         self.lost = False
+        self.lost_reported = False
         self.bytes_in = 0
 
     # reading this side
@@ -107,6 +108,9 @@ class _End(asyncio.BufferedProtocol):
             other.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.lost_reported:
+            return  # reported already (see Splice.__init__)
+        self.lost_reported = True
         self.lost = True
         other = self.other
         assert other is not None
@@ -121,9 +125,10 @@ class _End(asyncio.BufferedProtocol):
 class Splice:
     """Relay between transports ``a`` and ``b`` until both directions end.
 
-    Both transports must be open. ``initial_a``/``initial_b`` are bytes
-    already read from ``a``/``b`` (after a handshake) that go to the other
-    side first. ``on_bytes(direction, n)``
+    ``initial_a``/``initial_b`` are bytes already read from ``a``/``b`` (by
+    a handshake) that go to the other side first; ``eof_a``/``eof_b`` say
+    that side already sent its FIN. A transport that is already closing is
+    treated as lost. ``on_bytes(direction, n)``
     counts traffic (``"a>b"`` / ``"b>a"``); ``done`` resolves when both
     transports are lost, with the first error seen or None.
     """
@@ -135,6 +140,8 @@ class Splice:
         *,
         initial_a: bytes = b"",
         initial_b: bytes = b"",
+        eof_a: bool = False,
+        eof_b: bool = False,
         on_bytes: Callable[[str, int], None] | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
@@ -148,10 +155,17 @@ class Splice:
         for end, transport, initial in ((self.end_a, a, initial_a), (self.end_b, b, initial_b)):
             if initial:
                 end._forward(memoryview(initial))
-        # Take over both transports (the caller made sure both are open);
-        # everything they deliver from now on follows the initial bytes.
+        # Take over both transports; everything they deliver from now on
+        # follows the initial bytes.
         a.set_protocol(self.end_a)
         b.set_protocol(self.end_b)
+        loop = asyncio.get_running_loop()
+        for end, transport, eof in ((self.end_a, a, eof_a), (self.end_b, b, eof_b)):
+            if transport.is_closing():
+                # Its connection_lost may have gone to the previous protocol.
+                loop.call_soon(end.connection_lost, None)
+            elif eof:
+                end.eof_received()
 
     @property
     def bytes_a_to_b(self) -> int:

@@ -12,7 +12,7 @@ import contextlib
 import socket
 from typing import Any
 
-from fastnat.aio._control import read_message
+from fastnat.aio._control import HandshakeBuffer, read_message
 from fastnat.errors import ControlProtocolError, ForwarderUnreachableError, NATLayerError
 from fastnat.protocol import (
     ROLE_CLIENT,
@@ -25,10 +25,17 @@ from fastnat.protocol import (
     parse_reply,
     reply_error,
 )
-from fastnat.locate import forget_server, forwarders_for_client, remember_working
-from fastnat.settings import choose_forwarders, parse_address
+from fastnat.locate import forget_server, forwarders_for_client, forwarders_for_server, remember_working
+from fastnat.settings import choose_forwarders, parse_address, registry_url
 
-__all__ = ["open_connection", "request", "external_address", "check_bidirectional", "combine_failures"]
+__all__ = [
+    "open_connection",
+    "open_transport",
+    "request",
+    "external_address",
+    "check_bidirectional",
+    "combine_failures",
+]
 
 # StreamReader limit of a client connection (as asyncio's default is 64 KiB,
 # a larger one means fewer pauses on fast transfers).
@@ -169,15 +176,74 @@ async def open_connection(
     raise combine_failures(f"connecting to {server_id!r} port {port}", failures)
 
 
-def _candidates(forwarder: str | tuple[str, int] | None) -> list[tuple[str, int]]:
-    if forwarder is None:
-        return choose_forwarders()
-    return [parse_address(forwarder)]
+async def open_transport(
+    server_id: str,
+    port: int,
+    *,
+    forwarder: str | tuple[str, int] | None = None,
+    timeout: float = 5.0,
+) -> tuple[asyncio.Transport, bytes, bool]:
+    """Like :func:`open_connection`, but returns the bare TCP transport, the
+    bytes the server already sent, and whether it already ended its side
+    (FIN), for a protocol to take over (``transport.set_protocol``; reading
+    is paused until it calls ``resume_reading``). For relays and tools that
+    splice connections."""
+    explicit = None if forwarder is None else parse_address(forwarder)
+    loop = asyncio.get_running_loop()
+    failures: list[tuple[str, BaseException]] = []
+    for host, fport in await forwarders_for_client(server_id, explicit):
+        where = _where(host, fport)
+        try:
+            transport, holder = await asyncio.wait_for(loop.create_connection(HandshakeBuffer, host, fport), timeout)
+        except (TimeoutError, asyncio.TimeoutError):
+            failures.append((where, ForwarderUnreachableError(f"{where}: no connection within {timeout:g} s")))
+            continue
+        except OSError as exc:
+            failures.append((where, ForwarderUnreachableError(f"{where}: {exc.strerror or exc}")))
+            continue
+        try:
+            transport.write(encode_hello(ROLE_CLIENT) + encode_request(1, "client_init", {"server": server_id, "port": port}))
+            deadline = loop.time() + timeout
+            hello, _ = await holder.read_hello_reply(timeout)
+            error = hello_error(hello, where)
+            if error is not None:
+                raise error
+            reply = parse_reply(await holder.read_message(max(0.0, deadline - loop.time())))
+        except (TimeoutError, asyncio.TimeoutError):
+            transport.abort()
+            failures.append((where, ForwarderUnreachableError(f"{where}: no answer within {timeout:g} s")))
+            continue
+        except ConnectionError as exc:
+            transport.abort()
+            failures.append((where, ForwarderUnreachableError(f"{where}: {exc}")))
+            continue
+        except NATLayerError as exc:
+            transport.abort()
+            failures.append((where, exc))
+            continue
+        if reply.status != Status.CONFIRMED:
+            transport.close()
+            failures.append((where, reply_error(reply, f"{server_id!r} port {port} via {where}")))
+            continue
+        remember_working(server_id, (host, fport))
+        transport.pause_reading()
+        return transport, holder.take_rest(), holder.eof
+    forget_server(server_id)
+    raise combine_failures(f"connecting to {server_id!r} port {port}", failures)
+
+
+async def _candidates(forwarder: str | tuple[str, int] | None) -> list[tuple[str, int]]:
+    """Forwarders for a request any of them answers: explicit, else advertised, else static."""
+    if forwarder is not None:
+        return [parse_address(forwarder)]
+    if registry_url():
+        return [f.client_address for f in await forwarders_for_server()]
+    return choose_forwarders()
 
 
 async def _simple_request(forwarder: str | tuple[str, int] | None, name: str, value: Any, timeout: float) -> Any:
     failures: list[tuple[str, BaseException]] = []
-    for host, port in _candidates(forwarder):
+    for host, port in await _candidates(forwarder):
         try:
             _reader, writer, reply = await request(host, port, name, value, timeout=timeout)
         except NATLayerError as exc:

@@ -24,7 +24,7 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastnat.aio._control import FirstMessage, read_message
+from fastnat.aio._control import FirstMessage, HandshakeBuffer, read_message
 from fastnat.aio.client import combine_failures
 from fastnat.aio.session import MuxSession
 from fastnat.aio.stream import MuxStream, StreamTransport
@@ -40,7 +40,6 @@ from fastnat.locate import ForwarderAddress, forwarders_for_server, server_key, 
 from fastnat.mux_config import MuxConfig
 from fastnat.protocol import (
     ROLE_SERVER,
-    HelloReplyReader,
     Status,
     encode_hello,
     encode_reply,
@@ -70,43 +69,6 @@ _OPEN_REQUEST_TIMEOUT = 10.0
 
 # (loop, server id) -> its registration
 _registrations: dict[tuple[int, str], Registration] = {}
-
-
-class _HelloClient(asyncio.Protocol):
-    """Holds a fresh connection until MuxSession.from_transport takes it over."""
-
-    def __init__(self) -> None:
-        self.buffer = bytearray()
-        self.error: BaseException | None = None
-        self.waiter: asyncio.Future[None] | None = None
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        self._wake()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.error = exc or ConnectionResetError("the forwarder closed the connection")
-        self._wake()
-
-    def _wake(self) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
-
-    async def read_hello_reply(self, timeout: float) -> tuple[Any, bytes]:
-        """The forwarder's hello reply, and the bytes that followed it."""
-        parser = HelloReplyReader()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            if self.buffer:
-                reply = parser.feed(bytes(self.buffer))
-                self.buffer.clear()
-                if reply is not None:
-                    return reply, parser.rest
-            if self.error is not None:
-                raise self.error
-            self.waiter = loop.create_future()
-            await asyncio.wait_for(self.waiter, max(0.0, deadline - loop.time()))
 
 
 class _Link:
@@ -140,7 +102,7 @@ class _Link:
         settings = get_settings()
         try:
             transport, hello = await asyncio.wait_for(
-                loop.create_connection(_HelloClient, host, port), reg._connect_timeout
+                loop.create_connection(HandshakeBuffer, host, port), reg._connect_timeout
             )
         except (TimeoutError, asyncio.TimeoutError):
             raise ForwarderUnreachableError(f"{where}: no connection within {reg._connect_timeout:g} s") from None

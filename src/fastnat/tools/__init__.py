@@ -1,0 +1,1 @@
+"""What the command line's subcommands do, as functions (the flags are parsed in fastnat.cli)."""

@@ -1,0 +1,172 @@
+"""``fastnat connect``: reach a server's port from here.
+
+With a local listening address, every connection to it is carried to the
+server (like ``ssh -L``); without one, standard input and output are the
+connection (like netcat).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import sys
+import threading
+from typing import Any, BinaryIO
+
+from fastnat.aio.client import open_transport
+from fastnat.splice import Splice
+
+__all__ = ["Tunnel", "listen", "stdio"]
+
+log = logging.getLogger("fastnat.connect")
+
+
+# What a local client may send before its relay is ready is kept; past this,
+# reading pauses until the relay takes over.
+_EARLY_DATA_LIMIT = 256 * 1024
+
+
+class _Waiting(asyncio.Protocol):
+    """A local connection, until its relay is ready: keeps what the client
+    sends meanwhile (pausing past a limit). Pausing in connection_made is not
+    enough: uvloop starts reading only after it returns."""
+
+    def __init__(self, tunnel: Tunnel) -> None:
+        self.tunnel = tunnel
+        self.transport: asyncio.Transport | None = None
+        self.early = bytearray()
+        self.eof = False
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.tunnel._spawn(self.tunnel._carry(self))
+
+    def data_received(self, data: bytes) -> None:
+        self.early += data
+        if len(self.early) >= _EARLY_DATA_LIMIT and self.transport is not None:
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True  # relayed as a FIN once the splice runs
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+
+
+class Tunnel:
+    """A local listener whose connections are carried to ``server_id:port``."""
+
+    def __init__(self, server_id: str, port: int, forwarder: tuple[str, int] | None, timeout: float) -> None:
+        self.server_id = server_id
+        self.port = port
+        self.forwarder = forwarder
+        self.timeout = timeout
+        self.server: asyncio.Server | None = None
+        self.connections_total = 0
+        self.failures = 0
+        self._splices: set[Splice] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self.server is not None
+        return self.server.sockets[0].getsockname()[:2]  # type: ignore[no-any-return]
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _carry(self, waiting: _Waiting) -> None:
+        local = waiting.transport
+        assert local is not None
+        try:
+            relay, rest, relay_eof = await open_transport(self.server_id, self.port, forwarder=self.forwarder, timeout=self.timeout)
+        except OSError as exc:
+            self.failures += 1
+            log.warning("cannot reach %r port %d: %s", self.server_id, self.port, exc)
+            local.abort()
+            return
+        if waiting.lost or local.is_closing():
+            relay.close()
+            return
+        self.connections_total += 1
+        local.pause_reading()
+        splice = Splice(local, relay, initial_a=bytes(waiting.early), initial_b=rest, eof_a=waiting.eof, eof_b=relay_eof)
+        local.resume_reading()
+        relay.resume_reading()
+        self._splices.add(splice)
+        try:
+            await splice.done
+        finally:
+            self._splices.discard(splice)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+        for splice in list(self._splices):
+            splice.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
+
+
+async def listen(
+    server_id: str,
+    port: int,
+    host: str,
+    local_port: int,
+    *,
+    forwarder: tuple[str, int] | None = None,
+    timeout: float = 5.0,
+) -> Tunnel:
+    """Listen on ``host:local_port``; carry each connection to ``server_id:port``."""
+    tunnel = Tunnel(server_id, port, forwarder, timeout)
+    loop = asyncio.get_running_loop()
+    tunnel.server = await loop.create_server(lambda: _Waiting(tunnel), host, local_port)
+    return tunnel
+
+
+def stdio(
+    sock: socket.socket,
+    stdin: BinaryIO | None = None,
+    stdout: BinaryIO | None = None,
+) -> None:
+    """Copy ``stdin`` to ``sock`` and ``sock`` to ``stdout`` until both ends are done.
+
+    End of input half-closes the connection (the server sees end of stream
+    and may still answer); the call returns once the server has finished.
+    """
+    stdin = stdin or sys.stdin.buffer
+    stdout = stdout or sys.stdout.buffer
+    errors: list[BaseException] = []
+
+    def upload() -> None:
+        try:
+            while True:
+                chunk = stdin.read1(65536) if hasattr(stdin, "read1") else stdin.read(65536)
+                if not chunk:
+                    break
+                sock.sendall(chunk)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            errors.append(exc)
+
+    sender = threading.Thread(target=upload, name="fastnat-stdin", daemon=True)
+    sender.start()
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            stdout.write(chunk)
+            stdout.flush()
+    finally:
+        sock.close()
+    if errors and not isinstance(errors[0], (BrokenPipeError, ConnectionResetError)):
+        raise errors[0]
