@@ -1,0 +1,171 @@
+"""Every command in README.md runs, as written.
+
+Blocks marked ``<!-- readme-test: NAME -->`` are extracted and run; the only
+changes are addresses: ``relay.example.net`` becomes 127.0.0.1, and the ports
+(12345, 8000, 8080) become free ones, so that tests never collide or leave
+loopback. ``pip install .`` is skipped: the package under test is installed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+pytestmark = pytest.mark.timeout(120)
+
+
+def blocks() -> dict[str, tuple[str, str]]:
+    text = README.read_text(encoding="utf-8")
+    found = {}
+    for match in re.finditer(r"<!-- readme-test: ([\w-]+) -->\n```(\w+)\n(.*?)```", text, re.S):
+        found[match.group(1)] = (match.group(2), match.group(3))
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Addresses:
+    def __init__(self) -> None:
+        self.relay = free_port()
+        self.web = free_port()
+        self.local = free_port()
+
+    def apply(self, code: str) -> str:
+        code = code.replace("relay.example.net", "127.0.0.1").replace("0.0.0.0", "127.0.0.1")
+        code = re.sub(r"\b12345\b", str(self.relay), code)
+        code = re.sub(r"\b8000\b", str(self.web), code)
+        return re.sub(r"\b8080\b", str(self.local), code)
+
+
+def fastnat_argv(command: str) -> list[str]:
+    """A README command line, run with this interpreter's fastnat."""
+    argv = shlex.split(command)
+    if argv[0] == "fastnat":
+        return [sys.executable, "-m", "fastnat", *argv[1:]]
+    return argv
+
+
+class Background:
+    """Processes started by a test, all stopped at its end."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def start(self, argv: list[str], ready: str | None = None, timeout: float = 20.0) -> subprocess.Popen[str]:
+        log = open(self.tmp / f"proc{len(self.procs)}.err", "w")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
+        log.close()
+        self.procs.append(proc)
+        if ready is not None:
+            assert proc.stdout is not None
+            deadline = time.monotonic() + timeout
+            line = ""
+            os.set_blocking(proc.stdout.fileno(), False)
+            while ready not in line:
+                assert proc.poll() is None, f"{argv} exited: {(self.tmp / f'proc{len(self.procs) - 1}.err').read_text()}"
+                assert time.monotonic() < deadline, f"{argv} did not print {ready!r} in time"
+                chunk = proc.stdout.readline()
+                if chunk:
+                    line = chunk
+                else:
+                    time.sleep(0.05)
+        return proc
+
+    def stop(self) -> list[int | None]:
+        codes = []
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            try:
+                codes.append(proc.wait(10))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                codes.append(proc.wait(5))
+        return codes
+
+
+@pytest.fixture
+def background(tmp_path: Path) -> Iterator[Background]:
+    bg = Background(tmp_path)
+    try:
+        yield bg
+    finally:
+        bg.stop()
+
+
+def test_the_readme_marks_its_commands() -> None:
+    names = set(blocks())
+    assert {"install-and-run", "quickstart-forwarder", "quickstart-expose", "quickstart-connect",
+            "quickstart-use", "python-blocking", "python-asyncio"} <= names
+
+
+def test_install_and_run(background: Background) -> None:
+    lang, code = blocks()["install-and-run"]
+    addresses = Addresses()
+    line = addresses.apply(code.strip())
+    install, _, run = line.partition(" && ")
+    assert install == "pip install ."  # the package under test is installed already
+    background.start(fastnat_argv(run), ready="fastnat forwarder listening on")
+    with socket.create_connection(("127.0.0.1", addresses.relay), timeout=5):
+        pass
+    assert background.stop() == [0]
+
+
+def test_quickstart(background: Background, tmp_path: Path) -> None:
+    b = blocks()
+    addresses = Addresses()
+    (tmp_path / "index.html").write_text("hello from behind the NAT\n")
+    background.start(fastnat_argv(addresses.apply(b["quickstart-forwarder"][1].strip())), ready="listening on")
+    background.start(
+        [sys.executable, "-m", "http.server", str(addresses.web), "--bind", "127.0.0.1", "--directory", str(tmp_path)]
+    )
+    background.start(fastnat_argv(addresses.apply(b["quickstart-expose"][1].strip())), ready="fastnat: my-laptop port 80")
+    background.start(fastnat_argv(addresses.apply(b["quickstart-connect"][1].strip())), ready="fastnat: listening on")
+    use = addresses.apply(b["quickstart-use"][1].strip())
+    deadline = time.monotonic() + 20
+    while True:
+        result = subprocess.run(shlex.split(use), capture_output=True, text=True, timeout=20)
+        if "hello from behind the NAT" in result.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)  # the web server may still be starting
+    assert "hello from behind the NAT" in result.stdout, result
+    connect, expose, _web, forwarder = background.stop()  # stopped in reverse order of start
+    assert (connect, expose, forwarder) == (0, 0, 0)  # fastnat's commands stop cleanly on SIGTERM
+
+
+def _run_python_block(name: str, background: Background) -> str:
+    addresses = Addresses()
+    background.start(
+        [sys.executable, "-m", "fastnat", "forwarder", "--host", "127.0.0.1", "--port", str(addresses.relay)],
+        ready="listening on",
+    )
+    code = addresses.apply(blocks()[name][1])
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_python_blocking_example(background: Background) -> None:
+    out = _run_python_block("python-blocking", background)
+    assert "you are 127.0.0.1, you said hello" in out
+
+
+def test_python_asyncio_example(background: Background) -> None:
+    out = _run_python_block("python-asyncio", background)
+    assert "client at ('127.0.0.1'" in out and "b'ping'" in out
