@@ -300,6 +300,7 @@ class _Handshake(asyncio.Protocol):
         self.lost = False
         self.busy = False  # a request is being served
         self.eof = False  # the client half-closed while its request was served
+        self.hello_reply = b""  # held back to go out with the client's reply
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -331,6 +332,9 @@ class _Handshake(asyncio.Protocol):
     def _close(self, reason: str, counter: str = "bad_input") -> None:
         self.fwd._drop(self.peer, reason, counter)
         if self.transport is not None and not self.transport.is_closing():
+            if self.hello_reply:  # the hello was fine: say so before hanging up
+                self.transport.write(self.hello_reply)
+                self.hello_reply = b""
             self.transport.abort()
         self._finish()
 
@@ -378,10 +382,17 @@ class _Handshake(asyncio.Protocol):
                 return
             self.role = hello.role
             self.nonce = _secrets.token_bytes(NONCE_SIZE)
-            self.transport.write(encode_hello_reply(HelloStatus.OK, PROTOCOL_VERSION, self.nonce))
+            hello_reply = encode_hello_reply(HelloStatus.OK, PROTOCOL_VERSION, self.nonce)
             if self.role == ROLE_SERVER:
+                self.transport.write(hello_reply)
                 self._become_server(rest)
                 return
+            if rest:
+                # A client that sent its request with its hello gets both
+                # answers in one write (one syscall and one wake-up saved).
+                self.hello_reply = hello_reply
+            else:
+                self.transport.write(hello_reply)
             self.reader = MessageReader(self.fwd.limits.max_message_size)
             data = rest
         assert self.reader is not None
@@ -414,6 +425,14 @@ class _Handshake(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
         fwd._server_connected(link)
+
+    def reply(self, data: bytes) -> None:
+        """Write a reply to the client (after the hello reply, if held back)."""
+        transport = self.transport
+        if transport is None or self.lost or transport.is_closing():
+            return
+        transport.write(self.hello_reply + data)
+        self.hello_reply = b""
 
     def eof_received(self) -> bool:
         if self.busy:
@@ -722,16 +741,14 @@ class Forwarder:
             if name == "client_init":
                 keep = await self._client_init(hs, request)
             elif name == "externaladdr":
-                transport.write(encode_reply(request.id, Status.OK, {"ip": hs.peer[0], "port": hs.peer[1]}))
+                hs.reply(encode_reply(request.id, Status.OK, {"ip": hs.peer[0], "port": hs.peer[1]}))
             elif name == "bidirectional":
                 reachable = await self._dial_back(hs.peer[0], request.value["ip"], request.value["port"])
-                transport.write(encode_reply(request.id, Status.OK, {"reachable": reachable, "seen": hs.peer[0]}))
+                hs.reply(encode_reply(request.id, Status.OK, {"reachable": reachable, "seen": hs.peer[0]}))
             elif name == "stats":
-                if not transport.is_closing():
-                    transport.write(encode_reply(request.id, Status.OK, self.stats()))
+                hs.reply(encode_reply(request.id, Status.OK, self.stats()))
             else:
-                self._drop(hs.peer, f"request {name!r} is not for a client connection")
-                transport.abort()
+                hs._close(f"request {name!r} is not for a client connection")
                 return
         except Exception:
             log.exception("serving %s from %s:%d failed", request.request, *hs.peer)
@@ -750,8 +767,7 @@ class Forwarder:
 
         def answer(status: str, reason: str, detail: str) -> bool:
             self.counters.refuse(reason, server_id)
-            if not hs.lost and not transport.is_closing():
-                transport.write(encode_reply(request.id, status, detail))
+            hs.reply(encode_reply(request.id, status, detail))
             return False
 
         if link is None:
@@ -774,7 +790,8 @@ class Forwarder:
             stream.attach(opener)
             stream.write(open_request)
             try:
-                message = await asyncio.wait_for(asyncio.shield(opener.message), self.limits.open_timeout)
+                async with asyncio.timeout(self.limits.open_timeout):
+                    message = await opener.message
                 reply = parse_reply(message)
             except (TimeoutError, asyncio.TimeoutError):
                 stream.abort()
@@ -788,7 +805,7 @@ class Forwarder:
             if hs.lost or transport.is_closing():
                 stream.abort()
                 return False
-            transport.write(encode_reply(request.id, Status.CONFIRMED, None))
+            hs.reply(encode_reply(request.id, Status.CONFIRMED, None))
             self.counters.clients_total += 1
             self.counters.clients_active += 1
             per["clients_total"] += 1

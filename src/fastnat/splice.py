@@ -31,6 +31,20 @@ log = logging.getLogger("fastnat.splice")
 # the other side in one write (a stream takes it as 64 KiB frames).
 SPLICE_READ_BUFFER = 256 * 1024
 
+# One receive buffer per event loop serves every splice end: a read is
+# forwarded before the loop runs anything else, so ends never need it at the
+# same time (ReadBuffer replaces it if a transport keeps a view). A buffer per
+# connection would cost an mmap and a munmap for every relayed connection.
+_buffers: dict[int, ReadBuffer] = {}
+
+
+def _loop_buffer() -> ReadBuffer:
+    key = id(asyncio.get_running_loop())
+    buffer = _buffers.get(key)
+    if buffer is None:
+        buffer = _buffers[key] = ReadBuffer(SPLICE_READ_BUFFER)
+    return buffer
+
 
 def _abort_with_reset(transport: asyncio.BaseTransport) -> None:
     """Abort; on a TCP connection, with an RST rather than a FIN, so that the
@@ -65,8 +79,7 @@ class _End(asyncio.BufferedProtocol):
 
     # reading this side
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self.buffer is None:
-            self.buffer = ReadBuffer(SPLICE_READ_BUFFER)
+        self.buffer = _loop_buffer()
         return self.buffer.get()
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -81,7 +94,11 @@ class _End(asyncio.BufferedProtocol):
         assert other is not None and other.transport is not None
         self.bytes_in += len(data)
         if not other.lost:
-            other.transport.write(data)
+            transport = other.transport
+            transport.write(data)
+            flush = getattr(transport, "flush", None)
+            if flush is not None:
+                flush()  # a stream: out now, not at the end of the loop iteration
         self.splice._count(self.name, len(data))
 
     def eof_received(self) -> bool:

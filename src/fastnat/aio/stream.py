@@ -158,6 +158,11 @@ class StreamTransport(asyncio.Transport):
         for data in list_of_data:
             self.write(data)
 
+    def flush(self) -> None:
+        """Write what the session has queued now, rather than at the end of
+        the loop iteration (relays call it after forwarding a read)."""
+        self._session._flush()
+
     def can_write_eof(self) -> bool:
         return True
 
