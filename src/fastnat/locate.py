@@ -17,9 +17,12 @@ import asyncio
 import dataclasses
 import logging
 import random
+import weakref
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastnat.discovery import Registry, open_registry
-from fastnat.errors import NATLayerError
+from fastnat.errors import NATLayerError, NoForwarderError
 from fastnat.settings import (
     FORWARDER_KEY,
     SERVER_KEY_PREFIX,
@@ -38,6 +41,7 @@ __all__ = [
     "forwarders_for_client",
     "remember_working",
     "forget_server",
+    "close_registries",
 ]
 
 log = logging.getLogger("fastnat.locate")
@@ -94,9 +98,28 @@ def parse_server_value(value: str) -> tuple[str, int]:
     return host, _port(port)
 
 
-# One client per (event loop, URL): a registry client's connections belong to
-# the loop that made them.
-_registries: dict[tuple[int, str], Registry] = {}
+# One client per event loop and URL: a registry client's connection belongs
+# to the loop that made it. Keyed weakly by the loop, so that a loop that has
+# ended (asyncio.run returned) takes its clients, and their sockets, with it;
+# close_registries() closes them properly before that.
+_registries: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Registry]] = weakref.WeakKeyDictionary()
+_closers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+
+
+async def _close_at_loop_end(clients: dict[str, Registry]) -> AsyncIterator[None]:
+    """Parked at its ``yield`` for the loop's lifetime. asyncio.run (and
+    asyncio.Runner) finalise every async generator of a loop before closing
+    it, which runs the ``finally`` here: the loop's registry clients are
+    closed even by a program that never called close_registries()."""
+    try:
+        yield
+    finally:
+        for registry in list(clients.values()):
+            try:
+                await registry.close()
+            except Exception as exc:  # closing is best effort
+                log.debug("closing %r: %s", registry, exc)
+        clients.clear()
 
 
 def shared_registry(url: str | None = None) -> Registry | None:
@@ -104,11 +127,32 @@ def shared_registry(url: str | None = None) -> Registry | None:
     url = url or registry_url()
     if not url:
         return None
-    key = (id(asyncio.get_running_loop()), url)
-    registry = _registries.get(key)
+    loop = asyncio.get_running_loop()
+    clients = _registries.get(loop)
+    if clients is None:
+        clients = _registries[loop] = {}
+        closer = _close_at_loop_end(clients)
+        _closers[loop] = closer  # a strong reference: the loop tracks it weakly
+        loop.create_task(closer.__anext__())  # start it, so that the loop knows it
+    registry = clients.get(url)
     if registry is None:
-        registry = _registries[key] = open_registry(url)
+        registry = clients[url] = open_registry(url)
     return registry
+
+
+async def close_registries() -> None:
+    """Close this loop's registry clients (their connections); call it before
+    the loop ends. :func:`fastnat.aio.run` does."""
+    loop = asyncio.get_running_loop()
+    clients = _registries.pop(loop, {})
+    closer = _closers.pop(loop, None)
+    if closer is not None:
+        await closer.aclose()  # closes the clients
+    for registry in clients.values():
+        try:
+            await registry.close()
+        except Exception as exc:  # closing is best effort
+            log.debug("closing %r: %s", registry, exc)
 
 
 async def forwarders_for_server(
@@ -143,7 +187,7 @@ async def forwarders_for_server(
         if failure is not None:
             raise NATLayerError(f"no forwarder found: the registry failed ({failure})") from failure
         if registry is not None:
-            raise NATLayerError(f"no forwarder is advertised in {registry.url}")
+            raise NoForwarderError(f"no forwarder is advertised in {registry.url} (all may be full or down)")
         raise no_forwarder_error()
     return found
 
@@ -167,14 +211,21 @@ def cached_forwarders(server_id: str) -> list[tuple[str, int]]:
 
 
 async def forwarders_for_client(
-    server_id: str, explicit: tuple[str, int] | None = None, *, registry: Registry | None = None
+    server_id: str,
+    explicit: tuple[str, int] | None = None,
+    *,
+    registry: Registry | None = None,
+    fresh: bool = False,
 ) -> list[tuple[str, int]]:
     """Forwarders to try for ``server_id``: the explicit one; else the ones
-    that worked before, then those the registry lists for the id, then the
-    static list. Raises NoForwarderError when there is none."""
+    that worked before (without asking the registry, which may be slow or
+    down); else, or with ``fresh``, those the registry lists for the id,
+    then the static list. Raises NoForwarderError when there is none."""
     if explicit is not None:
         return [explicit]
-    found = cached_forwarders(server_id)
+    found = [] if fresh else cached_forwarders(server_id)
+    if found:
+        return found
     registry = registry or shared_registry()
     failure: BaseException | None = None
     if registry is not None:

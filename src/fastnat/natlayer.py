@@ -137,16 +137,18 @@ def _client_request(
     return sock, reply
 
 
-def _client_candidates(server_id: str, host: str | None, port: int | None) -> list[tuple[str, int]]:
-    """Forwarders to try for ``server_id``: explicit, else remembered,
-    registry-listed and static ones (see :mod:`fastnat.locate`)."""
+def _client_candidates(server_id: str, host: str | None, port: int | None, fresh: bool = False) -> list[tuple[str, int]]:
+    """Forwarders to try for ``server_id``: explicit; else the ones that
+    worked before; else (or ``fresh``) registry-listed and static ones (see
+    :mod:`fastnat.locate`)."""
     if host is not None:
         return choose_forwarders(host, port)
+    cached = [] if fresh else cached_forwarders(server_id)
+    if cached:
+        return cached
     if registry_url():
-        return run_in_loop(forwarders_for_client(server_id), get_settings().request_timeout)
-    found = cached_forwarders(server_id)
-    found += [f for f in static_forwarders() if f not in found]
-    return found or choose_forwarders()
+        return run_in_loop(forwarders_for_client(server_id, fresh=True), get_settings().request_timeout)
+    return static_forwarders() or choose_forwarders()
 
 
 def _any_forwarders(host: str | None, port: int | None) -> list[tuple[str, int]]:
@@ -178,21 +180,36 @@ def nat_openconn(
     validate_port(destport)
     source = (localip or "", localport or 0) if (localip or localport) else None
     failures: list[tuple[str, BaseException]] = []
-    for host, port in _client_candidates(destmac, forwarderIP, forwarderPort):
-        where = f"forwarder {host}:{port}"
-        try:
-            sock, reply = _client_request(
-                host, port, "client_init", {"server": destmac, "port": destport}, timeout, source
-            )
-        except NATLayerError as exc:
-            failures.append((where, exc))
-            continue
-        if reply.status == Status.CONFIRMED:
-            remember_working(destmac, (host, port))
-            sock.settimeout(timeout if usetimeoutsock else None)
-            return sock
-        sock.close()
-        failures.append((where, reply_error(reply, f"{destmac!r} port {destport} via {where}")))
+    tried: set[tuple[str, int]] = set()
+    from_cache = forwarderIP is None and bool(cached_forwarders(destmac))
+    for fresh in ((False, True) if from_cache else (False,)):
+        if fresh:
+            forget_server(destmac)  # what worked before failed: look again
+            try:
+                candidates = _client_candidates(destmac, forwarderIP, forwarderPort, fresh=True)
+            except NATLayerError as exc:
+                failures.append(("lookup", exc))
+                break
+        else:
+            candidates = _client_candidates(destmac, forwarderIP, forwarderPort)
+        for host, port in candidates:
+            if (host, port) in tried:
+                continue
+            tried.add((host, port))
+            where = f"forwarder {host}:{port}"
+            try:
+                sock, reply = _client_request(
+                    host, port, "client_init", {"server": destmac, "port": destport}, timeout, source
+                )
+            except NATLayerError as exc:
+                failures.append((where, exc))
+                continue
+            if reply.status == Status.CONFIRMED:
+                remember_working(destmac, (host, port))
+                sock.settimeout(timeout if usetimeoutsock else None)
+                return sock
+            sock.close()
+            failures.append((where, reply_error(reply, f"{destmac!r} port {destport} via {where}")))
     forget_server(destmac)
     raise combine_failures(f"nat_openconn to {destmac!r} port {destport}", failures)
 

@@ -60,8 +60,32 @@ class Settings:
     request_timeout: float = 10.0
 
 
+# Timings a deployment may set without code (the command line, tests).
+_TIMING_ENV = {
+    "announce_ttl": "FASTNAT_ANNOUNCE_TTL",
+    "announce_interval": "FASTNAT_ANNOUNCE_INTERVAL",
+    "keepalive_interval": "FASTNAT_KEEPALIVE_INTERVAL",
+    "keepalive_timeout": "FASTNAT_KEEPALIVE_TIMEOUT",
+}
+
+
+def _from_env() -> Settings:
+    settings = Settings()
+    for field, name in _TIMING_ENV.items():
+        text = os.environ.get(name, "").strip()
+        if text:
+            try:
+                value = float(text)
+            except ValueError:
+                raise ValueError(f"{name} must be a number of seconds, got {text!r}") from None
+            if value <= 0:
+                raise ValueError(f"{name} must be positive, got {text!r}")
+            setattr(settings, field, value)
+    return settings
+
+
 _lock = threading.Lock()
-_settings = Settings()
+_settings = _from_env()
 
 
 def get_settings() -> Settings:

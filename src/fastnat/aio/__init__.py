@@ -13,6 +13,7 @@ from fastnat.aio.client import check_bidirectional, external_address, open_conne
 from fastnat.aio.server import NATServer, start_server
 from fastnat.aio.session import MuxSession, start_session_server
 from fastnat.aio.stream import MuxStream, StreamTransport
+from fastnat.locate import close_registries
 
 __all__ = [
     "open_connection",
@@ -20,6 +21,7 @@ __all__ = [
     "NATServer",
     "external_address",
     "check_bidirectional",
+    "close_registries",
     "MuxSession",
     "MuxStream",
     "StreamTransport",

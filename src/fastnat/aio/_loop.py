@@ -39,6 +39,16 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 def run(main: Coroutine[Any, Any, T], *, debug: bool | None = None) -> T:
-    """Like :func:`asyncio.run`, on a loop from :func:`new_event_loop`."""
+    """Like :func:`asyncio.run`, on a loop from :func:`new_event_loop`; the
+    registry clients the program used are closed before the loop ends."""
+
+    async def main_then_close() -> T:
+        from fastnat.locate import close_registries
+
+        try:
+            return await main
+        finally:
+            await close_registries()
+
     with asyncio.Runner(debug=debug, loop_factory=new_event_loop) as runner:
-        return runner.run(main)
+        return runner.run(main_then_close())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastnat.aio._control import HandshakeBuffer, read_message
@@ -25,7 +26,13 @@ from fastnat.protocol import (
     parse_reply,
     reply_error,
 )
-from fastnat.locate import forget_server, forwarders_for_client, forwarders_for_server, remember_working
+from fastnat.locate import (
+    cached_forwarders,
+    forget_server,
+    forwarders_for_client,
+    forwarders_for_server,
+    remember_working,
+)
 from fastnat.settings import choose_forwarders, parse_address, registry_url
 
 __all__ = [
@@ -79,9 +86,8 @@ async def request(
     """
     where = _where(host, port)
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, limit=limit, ssl=ssl, local_addr=local_addr), timeout
-        )
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port, limit=limit, ssl=ssl, local_addr=local_addr)
     except (TimeoutError, asyncio.TimeoutError):
         raise ForwarderUnreachableError(f"{where}: no connection within {timeout:g} s") from None
     except OSError as exc:
@@ -100,7 +106,8 @@ async def request(
             return parse_reply(message)
 
         try:
-            reply = await asyncio.wait_for(handshake(), timeout)
+            async with asyncio.timeout(timeout):
+                reply = await handshake()
         except (TimeoutError, asyncio.TimeoutError):
             raise ForwarderUnreachableError(f"{where}: no answer within {timeout:g} s") from None
         except ConnectionError as exc:
@@ -146,9 +153,8 @@ async def open_connection(
     order. Statuses raise their own errors (:mod:`fastnat.errors`).
     """
     explicit = None if forwarder is None else parse_address(forwarder)
-    candidates = await forwarders_for_client(server_id, explicit)
     failures: list[tuple[str, BaseException]] = []
-    for host, fport in candidates:
+    async for host, fport in _client_candidates(server_id, explicit, failures):
         try:
             reader, writer, reply = await request(
                 host,
@@ -176,6 +182,30 @@ async def open_connection(
     raise combine_failures(f"connecting to {server_id!r} port {port}", failures)
 
 
+async def _client_candidates(
+    server_id: str, explicit: tuple[str, int] | None, failures: list[tuple[str, BaseException]]
+) -> AsyncIterator[tuple[str, int]]:
+    """The forwarders to try for ``server_id``: those that worked before; if
+    they all fail, a fresh lookup (the cache entry is dropped), skipping the
+    ones tried."""
+    tried: set[tuple[str, int]] = set()
+    cached = explicit is None and bool(cached_forwarders(server_id))
+    for fresh in ((False, True) if cached else (False,)):
+        if fresh:
+            forget_server(server_id)
+        try:
+            candidates = await forwarders_for_client(server_id, explicit, fresh=fresh)
+        except NATLayerError as exc:
+            if fresh and failures:
+                failures.append(("lookup", exc))
+                return
+            raise
+        for address in candidates:
+            if address not in tried:
+                tried.add(address)
+                yield address
+
+
 async def open_transport(
     server_id: str,
     port: int,
@@ -191,7 +221,7 @@ async def open_transport(
     explicit = None if forwarder is None else parse_address(forwarder)
     loop = asyncio.get_running_loop()
     failures: list[tuple[str, BaseException]] = []
-    for host, fport in await forwarders_for_client(server_id, explicit):
+    async for host, fport in _client_candidates(server_id, explicit, failures):
         where = _where(host, fport)
         try:
             transport, holder = await asyncio.wait_for(loop.create_connection(HandshakeBuffer, host, fport), timeout)

@@ -175,7 +175,7 @@ class _Link:
         try:
             while True:
                 transport = await session.accept_transport()
-                reg._spawn(reg._serve_stream(transport))
+                reg._serve_stream(transport)
         except ConnectionError:
             pass
 
@@ -222,7 +222,7 @@ class Registration:
         self._config = config or settings.mux_config
         self._connect_timeout = connect_timeout
         self._loop = asyncio.get_running_loop()
-        self._registry = registry if registry is not None else (shared_registry() if forwarder is None else None)
+        self._registry = registry if registry is not None else shared_registry()
         self.ports: dict[int, StreamHandler] = {}
         self.error_delegates: list[ErrorDelegate] = []
         self.links: list[_Link] = []
@@ -230,6 +230,7 @@ class Registration:
         self._announcer: asyncio.Task[None] | None = None
         self._announced: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._supervisors: set[asyncio.Task[None]] = set()
         self.reconnects = 0
 
     # ----------------------------------------------------------- state
@@ -292,10 +293,10 @@ class Registration:
         if len(self.links) < self.redundancy:
             log.warning("%r: registered at %d of %d forwarders", self.server_id, len(self.links), self.redundancy)
         for link in self.links:
-            link.supervisor = self._loop.create_task(self._supervise(link))
+            link.supervisor = self._start_supervisor(link)
         # the missing links are made by a supervisor of their own
         for _ in range(self.redundancy - len(self.links)):
-            self._loop.create_task(self._supervise(None))
+            self._start_supervisor(None)
         await self._announce()
         if self._registry is not None:
             self._announcer = self._loop.create_task(self._announce_forever())
@@ -370,18 +371,44 @@ class Registration:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _serve_stream(self, transport: StreamTransport) -> None:
+    def _serve_stream(self, transport: StreamTransport) -> None:
+        """Read the forwarder's open request on a new stream, then hand the
+        stream to its port's handler (callbacks and a timer: no task per stream)."""
         first = FirstMessage()
         transport.attach(first)
-        try:
-            message = await asyncio.wait_for(first.message, _OPEN_REQUEST_TIMEOUT)
-            request = parse_request(message)
-            if request.request != "open" or request.value["server"] != self.server_id:
-                raise ControlProtocolError(f"expected an open request for {self.server_id!r}, got {request.request!r}")
-        except (TimeoutError, asyncio.TimeoutError, ConnectionError, ControlProtocolError) as exc:
-            log.warning("%r: dropping a stream without a valid open request: %s", self.server_id, exc)
+        loop = self._loop
+
+        def drop(reason: object) -> None:
+            log.warning("%r: dropping a stream without a valid open request: %s", self.server_id, reason)
             transport.abort()
-            return
+
+        def timed_out() -> None:
+            if not first.message.done():
+                first.message.cancel()
+                drop(f"none within {_OPEN_REQUEST_TIMEOUT:g} s")
+
+        timer = loop.call_later(_OPEN_REQUEST_TIMEOUT, timed_out)
+
+        def received(future: asyncio.Future[Any]) -> None:
+            timer.cancel()
+            if future.cancelled():
+                return
+            error = future.exception()
+            if error is not None:
+                drop(error)
+                return
+            try:
+                request = parse_request(future.result())
+                if request.request != "open" or request.value["server"] != self.server_id:
+                    raise ControlProtocolError(f"expected an open request for {self.server_id!r}, got {request.request!r}")
+            except ControlProtocolError as exc:
+                drop(exc)
+                return
+            self._open(transport, request, bytes(first.rest))
+
+        first.message.add_done_callback(received)
+
+    def _open(self, transport: StreamTransport, request: Any, initial: bytes) -> None:
         port = request.value["port"]
         handler = self.ports.get(port)
         if handler is None:
@@ -394,12 +421,18 @@ class Registration:
         transport._extra["server_id"] = self.server_id
         transport._extra["server_port"] = port
         try:
-            handler(transport, bytes(first.rest))
+            handler(transport, initial)
         except Exception:
             log.exception("%r port %d: the handler failed; closing its stream", self.server_id, port)
             transport.abort()
 
     # ----------------------------------------------------------- life
+
+    def _start_supervisor(self, link: _Link | None) -> asyncio.Task[None]:
+        task = self._loop.create_task(self._supervise(link))
+        self._supervisors.add(task)
+        task.add_done_callback(self._supervisors.discard)
+        return task
 
     async def _supervise(self, link: _Link | None) -> None:
         """Keep one link up: wait for it to die; with ``persist``, make it
@@ -425,12 +458,15 @@ class Registration:
                     if not self.links:
                         self._forget()
                     return
-            link = await self._relink(settings.reconnect_initial_delay, settings.reconnect_max_delay)
+            failed = link.forwarder if link is not None else None
+            link = await self._relink(settings.reconnect_initial_delay, settings.reconnect_max_delay, failed)
             if link is None:
                 return
 
-    async def _relink(self, delay: float, max_delay: float) -> _Link | None:
-        """Make a new link, with capped, jittered exponential backoff."""
+    async def _relink(self, delay: float, max_delay: float, failed: ForwarderAddress | None = None) -> _Link | None:
+        """Make a new link, with capped, jittered exponential backoff; the
+        forwarder that just failed is tried last (it may be hung, and stays
+        advertised until its TTL runs out)."""
         while not self._closing:
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))
             if self._closing:
@@ -441,6 +477,9 @@ class Registration:
             except (NATLayerError, OSError) as exc:
                 candidates = []
                 failures.append(str(exc))
+            if failed in candidates:
+                candidates.remove(failed)
+                candidates.append(failed)
             for forwarder in candidates:
                 link = _Link(self, forwarder)
                 try:
@@ -480,10 +519,11 @@ class Registration:
         for value in list(self._announced):
             await self._withdraw(key, value)
         self._announced.clear()
+        for task in list(self._supervisors):
+            if task is not asyncio.current_task():
+                task.cancel()
         for link in list(self.links):
             await link.close(deregister=True)
-            if link.supervisor is not None and link.supervisor is not asyncio.current_task():
-                link.supervisor.cancel()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
