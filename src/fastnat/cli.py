@@ -17,11 +17,12 @@ import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from fastnat.aio._loop import run
 from fastnat.errors import NATLayerError
 from fastnat.forwarder import Forwarder, ForwarderLimits, load_secrets
+from fastnat.settings import REGISTRY_ENV
 
 __all__ = ["main"]
 
@@ -36,14 +37,48 @@ def _env(name: str, default: Any = None) -> Any:
     return value if value not in (None, "") else default
 
 
-def _address(text: str) -> tuple[str, int]:
-    """HOST:PORT for argparse."""
-    from fastnat.settings import parse_address
-
+def _port_number(text: str, *, allow_zero: bool, source: str) -> int:
     try:
-        return parse_address(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        port = int(text)
+    except ValueError:
+        port = -1
+    low = 0 if allow_zero else 1
+    if not low <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number ({low}-65535){source}")
+    return port
+
+
+def _port(*, allow_zero: bool = False, env: str | None = None) -> Callable[[str], int]:
+    """A port for argparse; ``env`` names the variable its default comes from
+    (argparse converts a string default with this too, when it is used)."""
+    source = f" (from the flag or ${env})" if env else ""
+
+    def parse(text: str) -> int:
+        return _port_number(text, allow_zero=allow_zero, source=source)
+
+    return parse
+
+
+def _address(*, allow_zero: bool = False) -> Callable[[str], tuple[str, int]]:
+    """HOST:PORT for argparse; ``allow_zero`` for an address to listen on
+    (port 0: any free port)."""
+
+    def parse(text: str) -> tuple[str, int]:
+        from fastnat.settings import split_host_port
+
+        host, port_text = split_host_port(text)
+        if not host or not port_text:
+            raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+        return host, _port_number(port_text, allow_zero=allow_zero, source=f" in {text!r}")
+
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """Errors as one line (and exit code 2), not the usage text first."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"fastnat: error: {message} (see '{self.prog} --help')\n")
 
 
 class _UserError(Exception):
@@ -56,7 +91,7 @@ class _UserError(Exception):
 def _add_nat_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--forwarder",
-        type=_address,
+        type=_address(),
         default=None,
         help="forwarder HOST:PORT to use (default: $FASTNAT_FORWARDERS, else a registry lookup)",
     )
@@ -64,7 +99,7 @@ def _add_nat_options(p: argparse.ArgumentParser) -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fastnat",
         description="Make TCP servers behind NATs reachable through relays (forwarders).",
         epilog="Run 'fastnat COMMAND --help' for a command's options.",
@@ -76,7 +111,7 @@ def _build_parser() -> argparse.ArgumentParser:
     defaults = ForwarderLimits()
     p = sub.add_parser("forwarder", help="run a forwarder (relay), hosting the built-in registry: a complete deployment")
     p.add_argument("--host", default=_env("FASTNAT_HOST", "0.0.0.0"), help="address to listen on ($FASTNAT_HOST, default 0.0.0.0)")
-    p.add_argument("--port", type=int, default=int(_env("FASTNAT_PORT", DEFAULT_FORWARDER_PORT)),
+    p.add_argument("--port", type=_port(allow_zero=True, env="FASTNAT_PORT"), default=_env("FASTNAT_PORT", str(DEFAULT_FORWARDER_PORT)),
                    help=f"port for servers, clients and the registry alike ($FASTNAT_PORT, default {DEFAULT_FORWARDER_PORT})")
     p.add_argument("--secret", default=_env("FASTNAT_SECRET"), help="demand proof of this secret from servers registering an id ($FASTNAT_SECRET)")
     p.add_argument("--secrets-file", default=_env("FASTNAT_SECRETS_FILE"), help="file of per-id secrets, one 'id secret' per line ($FASTNAT_SECRETS_FILE)")
@@ -96,13 +131,14 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("registry", help="run the built-in registry service alone")
     p.add_argument("--host", default=_env("FASTNAT_HOST", "0.0.0.0"), help="address to listen on ($FASTNAT_HOST, default 0.0.0.0)")
-    p.add_argument("--port", type=int, default=int(_env("FASTNAT_REGISTRY_PORT", DEFAULT_REGISTRY_PORT)),
+    p.add_argument("--port", type=_port(allow_zero=True, env="FASTNAT_REGISTRY_PORT"),
+                   default=_env("FASTNAT_REGISTRY_PORT", str(DEFAULT_REGISTRY_PORT)),
                    help=f"port ($FASTNAT_REGISTRY_PORT, default {DEFAULT_REGISTRY_PORT})")
 
     p = sub.add_parser("expose", help="publish a local TCP service under ID, reachable through forwarders")
     p.add_argument("id", help="the server id to publish under")
-    p.add_argument("port", type=int, help="the port clients ask for")
-    p.add_argument("--to", type=_address, default=None, help="the local service, HOST:PORT (default 127.0.0.1:PORT)")
+    p.add_argument("port", type=_port(), help="the port clients ask for")
+    p.add_argument("--to", type=_address(), default=None, help="the local service, HOST:PORT (default 127.0.0.1:PORT)")
     p.add_argument("--proxy-protocol", action="store_true", help="send a PROXY protocol v1 header with the client's address first")
     p.add_argument("--secret", default=_env("FASTNAT_SECRET"), help="secret proving the id, if the forwarder demands one ($FASTNAT_SECRET)")
     p.add_argument("--redundancy", type=int, default=1, help="hold the id at this many forwarders at once (default 1)")
@@ -111,14 +147,14 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("connect", help="reach port PORT of ID: a local port (--listen) or standard input/output")
     p.add_argument("id", help="the server id")
-    p.add_argument("port", type=int, help="the server's port")
-    p.add_argument("--listen", type=_address, default=None, help="listen on HOST:PORT and carry each connection (like ssh -L)")
+    p.add_argument("port", type=_port(), help="the server's port")
+    p.add_argument("--listen", type=_address(allow_zero=True), default=None, help="listen on HOST:PORT and carry each connection (like ssh -L)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to reach the server (default 5)")
     _add_nat_options(p)
 
     p = sub.add_parser("check", help="print the address a forwarder sees and whether this host needs the NAT layer")
     p.add_argument("--local-ip", default=None, help="local address to test (default: the one used to reach the forwarder)")
-    p.add_argument("--port", type=int, default=0, help="local port for the test listener (default: a free one)")
+    p.add_argument("--port", type=_port(allow_zero=True), default=0, help="local port for the test listener (default: a free one)")
     _add_nat_options(p)
 
     p = sub.add_parser("status", help="a forwarder's counters (servers, clients, bytes, refusals)")
@@ -131,7 +167,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="rounds, relay and direct interleaved (default 3)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    p = sub.add_parser("_bench-peer", help=argparse.SUPPRESS)
+    p = sub.add_parser("_bench-peer")  # internal (the bench's server process): no help, so not listed
     p.add_argument("--forwarder", required=True)
     return parser
 
@@ -140,8 +176,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 async def _until_signal(start: Callable[[], Awaitable[Any]], stop: Callable[[], Awaitable[Any]], ready: Callable[[], str],
-                        until: Awaitable[Any] | None = None) -> int:
-    """Start, print the ready line, wait for SIGINT/SIGTERM (or ``until``), stop."""
+                        until: Callable[[], Awaitable[Any]] | None = None) -> int:
+    """Start, print the ready line, wait for SIGINT/SIGTERM (or for ``until()``
+    to end), stop. ``until`` is called only once started, so a failed start
+    leaves no coroutine behind."""
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     # Handlers first: a signal that arrives as soon as we say we are ready
@@ -152,7 +190,7 @@ async def _until_signal(start: Callable[[], Awaitable[Any]], stop: Callable[[], 
     print(ready(), flush=True)
     waiters = [loop.create_task(stopping.wait())]
     if until is not None:
-        waiters.append(asyncio.ensure_future(until))
+        waiters.append(asyncio.ensure_future(until()))
     done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     for task in pending:
         task.cancel()
@@ -203,6 +241,10 @@ def _configure_nat(args: argparse.Namespace) -> None:
     import fastnat
 
     if getattr(args, "registry", None):
+        # A flag beats the environment (the flag's default is already
+        # $FASTNAT_REGISTRY), but the library reads the environment first:
+        # this process's copy of it gives way to the flag.
+        os.environ.pop(REGISTRY_ENV, None)
         fastnat.configure(registry=args.registry)
 
 
@@ -235,7 +277,7 @@ async def _expose(args: argparse.Namespace) -> int:
         where = ", ".join(f"{h}:{p}" for h, p in exposure.registration.forwarder_addresses)
         return f"fastnat: {args.id} port {args.port} -> {target[0]}:{target[1]}, through {where}"
 
-    return await _until_signal(start, stop, ready, lost())
+    return await _until_signal(start, stop, ready, lost)
 
 
 async def _connect_listen(args: argparse.Namespace) -> int:

@@ -746,6 +746,7 @@ class Forwarder:
                 reachable = await self._dial_back(hs.peer[0], request.value["ip"], request.value["port"])
                 hs.reply(encode_reply(request.id, Status.OK, {"reachable": reachable, "seen": hs.peer[0]}))
             elif name == "stats":
+                hs._finish()  # its handshake is over: the asker is not one of the pending
                 hs.reply(encode_reply(request.id, Status.OK, self.stats()))
             else:
                 hs._close(f"request {name!r} is not for a client connection")
@@ -817,6 +818,7 @@ class Forwarder:
                 initial_b=bytes(opener.rest),
                 eof_a=hs.eof,
                 eof_b=opener.eof,
+                error_b=opener.error,
                 on_bytes=lambda direction, n: self._count_bytes(server_id, direction, n),
             )
             hs.buffer.clear()

@@ -14,6 +14,7 @@ first; an entry is dropped when it fails (as the seed did).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import random
@@ -129,15 +130,23 @@ def shared_registry(url: str | None = None) -> Registry | None:
         return None
     loop = asyncio.get_running_loop()
     clients = _registries.get(loop)
+    registry = clients.get(url) if clients is not None else None
+    if registry is not None:
+        return registry
+    registry = open_registry(url)  # a bad URL raises here, before anything is set up
     if clients is None:
         clients = _registries[loop] = {}
         closer = _close_at_loop_end(clients)
         _closers[loop] = closer  # a strong reference: the loop tracks it weakly
-        loop.create_task(closer.__anext__())  # start it, so that the loop knows it
-    registry = clients.get(url)
-    if registry is None:
-        registry = clients[url] = open_registry(url)
+        loop.create_task(_park(closer))  # start it, so that the loop knows it
+    clients[url] = registry
     return registry
+
+
+async def _park(closer: AsyncIterator[None]) -> None:
+    # close_registries() may close the closer before this task first runs.
+    with contextlib.suppress(StopAsyncIteration):
+        await closer.__anext__()
 
 
 async def close_registries() -> None:
@@ -170,8 +179,7 @@ async def forwarders_for_server(
         try:
             values = await registry.lookup(FORWARDER_KEY, LOOKUP_LIMIT)
         except (OSError, ValueError) as exc:
-            failure = exc
-            log.warning("looking forwarders up in %s failed: %s", registry.url, exc)
+            failure = exc  # the static forwarders may still do
         else:
             for value in values:
                 try:
@@ -189,6 +197,9 @@ async def forwarders_for_server(
         if registry is not None:
             raise NoForwarderError(f"no forwarder is advertised in {registry.url} (all may be full or down)")
         raise no_forwarder_error()
+    if failure is not None and registry is not None:
+        # Logged only when going on without the registry; otherwise the error says it.
+        log.warning("looking forwarders up in %s failed: %s; trying the static forwarders", registry.url, failure)
     return found
 
 
@@ -232,8 +243,7 @@ async def forwarders_for_client(
         try:
             values = await registry.lookup(server_key(server_id), LOOKUP_LIMIT)
         except (OSError, ValueError) as exc:
-            failure = exc  # the cached and static forwarders may still do
-            log.warning("looking %r up in %s failed: %s", server_id, registry.url, exc)
+            failure = exc  # the static forwarders may still do
         else:
             for value in values:
                 try:
@@ -254,4 +264,6 @@ async def forwarders_for_client(
 
             raise ServerNotFoundError(f"{server_id!r} is not announced in {registry.url}")
         raise no_forwarder_error()
+    if failure is not None and registry is not None:
+        log.warning("looking %r up in %s failed: %s; trying the static forwarders", server_id, registry.url, failure)
     return found

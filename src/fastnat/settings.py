@@ -125,18 +125,22 @@ def configure(
             setattr(_settings, name, value)
 
 
+def split_host_port(text: str) -> tuple[str, str]:
+    """``"host:port"`` or ``"[v6]:port"`` as ``(host, port_text)``; the port
+    text is empty when there is none."""
+    text = text.strip()
+    if text.startswith("["):  # [ipv6]:port
+        host, _, port_text = text[1:].partition("]")
+        return host, port_text.lstrip(":")
+    host, sep, port_text = text.rpartition(":")
+    return (host, port_text) if sep else (text, "")
+
+
 def _parse_one(entry: str | tuple[str, int]) -> tuple[str, int]:
     if isinstance(entry, tuple):
         host, port = entry
     else:
-        text = entry.strip()
-        if text.startswith("["):  # [ipv6]:port
-            host, _, port_text = text[1:].partition("]")
-            port_text = port_text.lstrip(":")
-        else:
-            host, sep, port_text = text.rpartition(":")
-            if not sep:
-                host, port_text = text, ""
+        host, port_text = split_host_port(entry)
         try:
             port = int(port_text) if port_text else DEFAULT_FORWARDER_PORT
         except ValueError:

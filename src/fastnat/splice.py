@@ -145,7 +145,8 @@ class Splice:
     ``initial_a``/``initial_b`` are bytes already read from ``a``/``b`` (by
     a handshake) that go to the other side first; ``eof_a``/``eof_b`` say
     that side already sent its FIN. A transport that is already closing is
-    treated as lost. ``on_bytes(direction, n)``
+    treated as lost, with ``error_a``/``error_b`` (what closed it, as its
+    previous protocol saw; None: cleanly) as the cause: a reset stays a reset. ``on_bytes(direction, n)``
     counts traffic (``"a>b"`` / ``"b>a"``); ``done`` resolves when both
     transports are lost, with the first error seen or None.
     """
@@ -159,6 +160,8 @@ class Splice:
         initial_b: bytes = b"",
         eof_a: bool = False,
         eof_b: bool = False,
+        error_a: BaseException | None = None,
+        error_b: BaseException | None = None,
         on_bytes: Callable[[str, int], None] | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
@@ -177,10 +180,10 @@ class Splice:
         a.set_protocol(self.end_a)
         b.set_protocol(self.end_b)
         loop = asyncio.get_running_loop()
-        for end, transport, eof in ((self.end_a, a, eof_a), (self.end_b, b, eof_b)):
+        for end, transport, eof, error in ((self.end_a, a, eof_a, error_a), (self.end_b, b, eof_b, error_b)):
             if transport.is_closing():
                 # Its connection_lost may have gone to the previous protocol.
-                loop.call_soon(end.connection_lost, None)
+                loop.call_soon(end.connection_lost, error)
             elif eof:
                 end.eof_received()
 

@@ -53,6 +53,7 @@ class FirstMessage(asyncio.Protocol):
         self.message: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.rest = bytearray()
         self.eof = False  # the peer ended its side after the message
+        self.error: BaseException | None = None  # what closed the stream, if it closed (None: cleanly)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -80,6 +81,7 @@ class FirstMessage(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.error = exc
         if not self.message.done():
             self.message.set_exception(exc or ConnectionResetError("the stream closed before its first message"))
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from fastnat.aio.client import open_transport
@@ -132,6 +134,23 @@ async def listen(
     return tunnel
 
 
+# Seconds the end of a netcat-style connection waits for a send in progress
+# to report how it went; a send on a closed or reset connection returns at once.
+UPLOAD_SETTLE_TIMEOUT = 2.0
+
+
+def _raw_reader(stream: BinaryIO) -> Callable[[int], bytes]:
+    """A read function for ``stream`` that holds no lock of its buffered
+    object: the reading thread is a daemon that may still be blocked in it
+    when the interpreter exits, and a held buffer lock makes that exit a
+    fatal error. Reads the file descriptor directly when there is one."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return stream.read1 if hasattr(stream, "read1") else stream.read  # type: ignore[attr-defined,no-any-return]
+    return lambda n: os.read(fd, n)
+
+
 def stdio(
     sock: socket.socket,
     stdin: BinaryIO | None = None,
@@ -145,17 +164,23 @@ def stdio(
     stdin = stdin or sys.stdin.buffer
     stdout = stdout or sys.stdout.buffer
     errors: list[BaseException] = []
+    sending = threading.Event()  # set while the upload is in a socket call, not waiting on stdin
+    read = _raw_reader(stdin)
 
     def upload() -> None:
         try:
             while True:
-                chunk = stdin.read1(65536) if hasattr(stdin, "read1") else stdin.read(65536)
+                chunk = read(65536)
+                sending.set()
                 if not chunk:
                     break
                 sock.sendall(chunk)
+                sending.clear()
             sock.shutdown(socket.SHUT_WR)
         except OSError as exc:
             errors.append(exc)
+        finally:
+            sending.clear()
 
     sender = threading.Thread(target=upload, name="fastnat-stdin", daemon=True)
     sender.start()
@@ -166,7 +191,14 @@ def stdio(
                 break
             stdout.write(chunk)
             stdout.flush()
+        if sending.is_set():
+            # A reset is reported to one socket call only: if the upload is
+            # in one, it may be the one told; let it finish (a call on a
+            # reset socket returns at once).
+            sender.join(UPLOAD_SETTLE_TIMEOUT)
     finally:
         sock.close()
-    if errors and not isinstance(errors[0], (BrokenPipeError, ConnectionResetError)):
+    if errors and not isinstance(errors[0], BrokenPipeError):
+        # BrokenPipeError: writing after the connection was already over (its
+        # cause, if any, was reported to the reading side).
         raise errors[0]
