@@ -165,6 +165,7 @@ def stdio(
     stdout = stdout or sys.stdout.buffer
     errors: list[BaseException] = []
     sending = threading.Event()  # set while the upload is in a socket call, not waiting on stdin
+    finished = threading.Event()  # the connection is over: the upload's errors no longer count
     read = _raw_reader(stdin)
 
     def upload() -> None:
@@ -178,7 +179,8 @@ def stdio(
                 sending.clear()
             sock.shutdown(socket.SHUT_WR)
         except OSError as exc:
-            errors.append(exc)
+            if not finished.is_set():  # not the socket closed under it below
+                errors.append(exc)
         finally:
             sending.clear()
 
@@ -197,6 +199,7 @@ def stdio(
             # reset socket returns at once).
             sender.join(UPLOAD_SETTLE_TIMEOUT)
     finally:
+        finished.set()
         sock.close()
     if errors and not isinstance(errors[0], BrokenPipeError):
         # BrokenPipeError: writing after the connection was already over (its
