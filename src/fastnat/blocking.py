@@ -22,6 +22,7 @@ import io
 import os
 import socket
 import threading
+from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -40,6 +41,14 @@ RECV_BUFFER_LIMIT = 1024 * 1024
 # Data handed to the loop and not yet taken by the stream before sendall()
 # blocks: enough to keep the loop busy between two wake-ups of the writer.
 SEND_BUFFER_LIMIT = 1024 * 1024
+# Data crosses between the threads copied into pieces of this size, taken
+# from a pool and given back once read or written: a fresh buffer per read
+# or write, once freed, is returned to the system by glibc's malloc (mmap
+# above 128 KiB, heap trimming below), so every copy would page-fault.
+PIECE_SIZE = 64 * 1024
+# Free pieces the pool keeps (4 MiB): enough for a few busy streams both
+# ways; pieces beyond it are freed, so idle streams hold no memory.
+PIECE_POOL_MAX = 64
 # How long interpreter exit waits for the loop thread to finish.
 _EXIT_JOIN_TIMEOUT = 5.0
 
@@ -171,12 +180,21 @@ class _Bridge(asyncio.Protocol):
         self.lock = threading.Lock()
         self.readable = threading.Condition(self.lock)
         self.writable = threading.Condition(self.lock)
-        self.rbuf = bytearray()
+        # Received, not yet read: pieces (at most PIECE_SIZE each), the
+        # first one read up to ``roffset``; ``rsize`` bytes in all.
+        self.rbuf: deque[memoryview] = deque()
+        self.roffset = 0
+        self.rsize = 0
         self.eof = False
         self.error: BaseException | None = None
         self.reading_paused = False
         self.write_paused = False
-        self.queued = 0  # bytes handed to the loop, not yet written to the transport
+        # Written by a caller, not yet handed to the stream: pieces, and
+        # whether a flush on the loop is already on its way (one wake-up
+        # of the loop carries every piece written meanwhile).
+        self.outbox: list[memoryview] = []
+        self.flush_scheduled = False
+        self.queued = 0  # bytes in the outbox and in a flush under way
         self.lost = False
 
     # loop thread -----------------------------------------------------------
@@ -185,12 +203,54 @@ class _Bridge(asyncio.Protocol):
         pass
 
     def data_received(self, data: Any) -> None:
+        pieces = _copy_to_pieces(data)
+        n = len(data)
         with self.lock:
-            self.rbuf += data
+            self.rbuf.extend(pieces)
+            self.rsize += n
             self.readable.notify()
-            if len(self.rbuf) >= RECV_BUFFER_LIMIT and not self.reading_paused:
+            if self.rsize >= RECV_BUFFER_LIMIT and not self.reading_paused:
                 self.reading_paused = True
                 self.transport.pause_reading()
+
+    def take(self, n: int) -> bytes:
+        """Up to ``n`` received bytes (lock held, something received)."""
+        parts = []
+        while n and self.rbuf:
+            piece = self.rbuf[0]
+            offset = self.roffset
+            k = min(len(piece) - offset, n)
+            parts.append(bytes(piece[offset : offset + k]))  # copied before the piece goes back
+            self._consumed(piece, offset + k)
+            n -= k
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def take_into(self, view: memoryview) -> int:
+        """Copy received bytes into ``view`` (lock held); how many."""
+        done = 0
+        want = len(view)
+        while done < want and self.rbuf:
+            piece = self.rbuf[0]
+            offset = self.roffset
+            k = min(len(piece) - offset, want - done)
+            view[done : done + k] = piece[offset : offset + k]
+            self._consumed(piece, offset + k)
+            done += k
+        return done
+
+    def _consumed(self, piece: memoryview, upto: int) -> None:
+        self.rsize -= upto - self.roffset
+        if upto == len(piece):
+            self.rbuf.popleft()
+            self.roffset = 0
+            _release_pieces((piece,))
+        else:
+            self.roffset = upto
+
+    def drop_received(self) -> None:
+        _release_pieces(self.rbuf)
+        self.rbuf.clear()
+        self.roffset = self.rsize = 0
 
     def eof_received(self) -> bool:
         with self.lock:
@@ -218,22 +278,30 @@ class _Bridge(asyncio.Protocol):
             self.readable.notify_all()
             self.writable.notify_all()
 
-    def do_write(self, data: bytes) -> None:
+    def do_flush(self) -> None:
+        """Hand every piece in the outbox to the stream (loop thread)."""
+        with self.lock:
+            pieces, self.outbox = self.outbox, []
+            self.flush_scheduled = False
+        n = sum(len(piece) for piece in pieces)
         try:
-            if not self.lost and not self.transport.is_closing():
-                self.transport.write(data)
+            transport = self.transport
+            for piece in pieces:
+                if not self.lost and not transport.is_closing():
+                    transport.write(piece)  # it copies (into the engine or its pending buffer)
         except Exception as exc:  # the stream or session failed under us
             with self.lock:
                 if self.error is None:
                     self.error = exc
         finally:
+            _release_pieces(pieces)
             with self.lock:
-                self.queued -= len(data)
+                self.queued -= n
                 self.writable.notify_all()
 
     def do_resume_reading(self) -> None:
         with self.lock:
-            if not self.reading_paused or len(self.rbuf) >= RECV_BUFFER_LIMIT // 2:
+            if not self.reading_paused or self.rsize >= RECV_BUFFER_LIMIT // 2:
                 return
             self.reading_paused = False
         self.transport.resume_reading()
@@ -329,14 +397,12 @@ class StreamSocket:
         bridge = self._bridge
         with bridge.lock:
             self._wait_readable()
-            rbuf = bridge.rbuf
-            if not rbuf:
+            if not bridge.rsize:
                 if bridge.error is not None and not self._shut_rd:
                     raise _as_connection_error(bridge.error)
                 return b""
-            data = bytes(rbuf[:bufsize]) if bufsize < len(rbuf) else bytes(rbuf)
-            del rbuf[: len(data)]
-            resume = bridge.reading_paused and len(rbuf) < RECV_BUFFER_LIMIT // 2
+            data = bridge.take(bufsize)
+            resume = bridge.reading_paused and bridge.rsize < RECV_BUFFER_LIMIT // 2
         if resume:
             bridge.call(bridge.do_resume_reading)
         return data
@@ -355,15 +421,12 @@ class StreamSocket:
         bridge = self._bridge
         with bridge.lock:
             self._wait_readable()
-            rbuf = bridge.rbuf
-            if not rbuf:
+            if not bridge.rsize:
                 if bridge.error is not None and not self._shut_rd:
                     raise _as_connection_error(bridge.error)
                 return 0
-            n = min(nbytes, len(rbuf))
-            view[:n] = rbuf[:n]
-            del rbuf[:n]
-            resume = bridge.reading_paused and len(rbuf) < RECV_BUFFER_LIMIT // 2
+            n = bridge.take_into(view[:nbytes])
+            resume = bridge.reading_paused and bridge.rsize < RECV_BUFFER_LIMIT // 2
         if resume:
             bridge.call(bridge.do_resume_reading)
         return n
@@ -372,9 +435,9 @@ class StreamSocket:
         """Wait (lock held) until data, EOF or an error is there."""
         bridge = self._bridge
         if self._shut_rd:
-            bridge.rbuf.clear()
+            bridge.drop_received()
             return
-        if not _deadline_wait(bridge.readable, self._timeout, lambda: bool(bridge.rbuf) or bridge.eof):
+        if not _deadline_wait(bridge.readable, self._timeout, lambda: bridge.rsize > 0 or bridge.eof):
             if self._timeout == 0.0:
                 raise BlockingIOError(errno.EAGAIN, "no data is ready on the stream")
             raise TimeoutError("timed out")
@@ -410,10 +473,16 @@ class StreamSocket:
                 raise _as_connection_error(bridge.error)
             if bridge.lost:
                 raise BrokenPipeError(errno.EPIPE, "the stream is closed")
-            chunk = bytes(view[: limit - bridge.queued])
-            bridge.queued += len(chunk)
-        bridge.call(bridge.do_write, chunk)
-        return len(chunk)
+            n = min(len(view), limit - bridge.queued)
+            bridge.queued += n  # reserved: the copy below happens without the lock
+        pieces = _copy_to_pieces(view[:n])
+        with bridge.lock:
+            bridge.outbox.extend(pieces)
+            schedule = not bridge.flush_scheduled
+            bridge.flush_scheduled = True
+        if schedule:
+            bridge.call(bridge.do_flush)
+        return n
 
     # ------------------------------------------------------------- closing
 
@@ -432,7 +501,7 @@ class StreamSocket:
         if how in (socket.SHUT_RD, socket.SHUT_RDWR):
             with bridge.lock:
                 self._shut_rd = True
-                bridge.rbuf.clear()
+                bridge.drop_received()
                 bridge.readable.notify_all()
                 paused = bridge.reading_paused
                 bridge.reading_paused = False
@@ -525,6 +594,32 @@ class StreamSocket:
         return f"<StreamSocket stream={self._stream_id} {state} peer={self._peername}>"
 
 
+_piece_pool: list[bytearray] = []
+
+
+def _copy_to_pieces(data: Any) -> list[memoryview]:
+    """``data`` copied into pooled pieces: views of their filled part."""
+    view = memoryview(data).cast("B")
+    pieces = []
+    for start in range(0, len(view), PIECE_SIZE):
+        part = view[start : start + PIECE_SIZE]
+        try:
+            buffer = _piece_pool.pop()  # atomic under the GIL, as append is
+        except IndexError:
+            buffer = bytearray(PIECE_SIZE)
+        k = len(part)
+        buffer[:k] = part  # same length: copies in place, never resizes
+        pieces.append(memoryview(buffer)[:k])
+    return pieces
+
+
+def _release_pieces(pieces: Any) -> None:
+    """Give pieces back to the pool (their data is no longer needed)."""
+    for piece in pieces:
+        if len(_piece_pool) < PIECE_POOL_MAX:
+            _piece_pool.append(piece.obj)
+
+
 def _as_connection_error(exc: BaseException) -> OSError:
     if isinstance(exc, OSError):
         return exc
@@ -537,7 +632,9 @@ def _make_socket(transport: StreamTransport, initial: bytes = b"") -> StreamSock
     """Attach a bridge to ``transport`` (taking it over from a handshake's
     protocol, with the bytes it read ahead); must run on the loop thread."""
     bridge = _Bridge(transport)
-    bridge.rbuf += initial
+    if initial:
+        bridge.rbuf.extend(_copy_to_pieces(initial))
+        bridge.rsize = len(initial)
     transport.attach(bridge, replace=True)
     extra = {
         "peername": transport.get_extra_info("peername"),

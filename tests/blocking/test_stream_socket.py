@@ -95,6 +95,41 @@ def test_recv_into(bpair: Any) -> None:
     b.close()
 
 
+def test_reads_of_every_size_across_piece_boundaries(bpair: Any) -> None:
+    """Received data is held in pieces of PIECE_SIZE: reads that start and
+    end anywhere within and across them, recv and recv_into mixed, give
+    back every byte in order."""
+    from fastnat.blocking import PIECE_SIZE
+
+    a, b = bpair.streams()
+    data = DataSource(3).data(5 * PIECE_SIZE + 12345)
+    sender = Thread(lambda: (a.sendall(data), a.shutdown(socket.SHUT_WR)))
+    sender.start()
+    # Let a window's worth (several pieces) arrive before the first read.
+    deadline = time.monotonic() + 5
+    while b._bridge.rsize < 3 * PIECE_SIZE and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert b._bridge.rsize >= 3 * PIECE_SIZE
+    sizes = [1, PIECE_SIZE - 1, 2, PIECE_SIZE, PIECE_SIZE + 7, 3 * PIECE_SIZE, 17]
+    parts: list[bytes] = []
+    buf = bytearray(3 * PIECE_SIZE + 100)
+    for i in range(10_000):
+        size = sizes[i % len(sizes)]
+        if i % 2:
+            n = b.recv_into(buf, size)
+            chunk = bytes(buf[:n])
+        else:
+            chunk = b.recv(size)
+        assert len(chunk) <= size
+        if not chunk:
+            break
+        parts.append(chunk)
+    sender.result(5)
+    assert sha256(b"".join(parts)) == sha256(data)
+    a.close()
+    b.close()
+
+
 def test_recv_zero_returns_at_once(bpair: Any) -> None:
     """socket.recv(0) returns b"" without waiting for data."""
     a, b = bpair.streams()
