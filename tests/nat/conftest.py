@@ -39,7 +39,11 @@ from .support import ForwarderProcess, ServerProcess, engine_env
 
 
 def _default_engine() -> str:
-    return "python" if os.environ.get("FASTNAT_NO_EXTENSIONS", "") not in ("", "0") else "compiled"
+    """The engine a process started from here runs by default: this one's
+    (the pure one with FASTNAT_NO_EXTENSIONS=1 or on a pure-Python install)."""
+    import fastnat.mux
+
+    return str(fastnat.mux.IMPLEMENTATION)
 
 
 @pytest.fixture(scope="session", autouse=True)
