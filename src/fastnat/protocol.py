@@ -28,6 +28,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import math
 import struct
 from typing import Any
 
@@ -259,7 +260,10 @@ class HelloReplyReader:
 
 def encode_message(obj: Any) -> bytes:
     """Length-prefixed UTF-8 JSON; ValueError if it exceeds the size cap."""
-    body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    # A lone surrogate (a peer may send "\ud800") has no UTF-8 form: it can
+    # only be inside a JSON string, where backslashreplace writes the same
+    # \udXXX escape that decodes back to it.
+    body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8", "backslashreplace")
     if len(body) > MAX_MESSAGE_SIZE:
         raise ValueError(f"message of {len(body)} bytes exceeds the {MAX_MESSAGE_SIZE}-byte cap")
     return _LENGTH.pack(len(body)) + body
@@ -321,13 +325,21 @@ def decode_message_body(body: bytes) -> Any:
 
 def _decode_json(body: bytes) -> Any:
     try:
-        return json.loads(body.decode("utf-8"), parse_constant=_refuse_constant)
+        return json.loads(body.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ControlProtocolError(f"message is not valid UTF-8 JSON ({exc.__class__.__name__}: {exc})") from None
 
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
+
+
+def _finite_float(text: str) -> float:
+    # 1e999 would be inf: refused like Infinity (encode_message cannot write it back).
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
 
 
 # ------------------------------------------------------ requests and replies
@@ -529,7 +541,8 @@ def registration_proof(secret: bytes, nonce: bytes, server_id: str) -> str:
 
 def check_registration_proof(secret: bytes, nonce: bytes, server_id: str, proof: Any) -> bool:
     """Constant-time check of a registration proof."""
-    if not isinstance(proof, str):
+    # A proof is hex: anything else is wrong (and a lone surrogate cannot be encoded).
+    if not isinstance(proof, str) or not proof.isascii():
         return False
     expected = registration_proof(secret, nonce, server_id)
     return hmac.compare_digest(expected.encode(), proof.encode())

@@ -32,10 +32,13 @@ from fastnat.protocol import (
     HelloStatus,
     MessageReader,
     Status,
+    decode_message_body,
     encode_hello,
     encode_message,
+    encode_reply,
     encode_request,
     parse_hello,
+    parse_reply,
     parse_request,
 )
 
@@ -105,6 +108,24 @@ def test_protocol_knows_the_registry_role_and_requests() -> None:
             encode_request(1, name, value)
 
 
+def test_messages_round_trip_what_a_peer_can_send() -> None:
+    """What decodes re-encodes, and what cannot be re-encoded does not decode
+    (found by fuzz/fuzz_control.py)."""
+    # "\ud800" decodes to a lone surrogate, which has no UTF-8 form: it is
+    # written back as the same escape.
+    body = b'{"id":1,"status":"FAILED","value":"\\ud800 \\udfff\xc3\xa9"}'
+    reply = parse_reply(decode_message_body(body))
+    assert reply.value == "\ud800 \udfff\u00e9"
+    again = encode_reply(reply.id, reply.status, reply.value)
+    assert again[4:] == body
+    assert parse_reply(MessageReader().feed(again)[0]) == reply
+    # 1e999 would be inf, which encode_message refuses: refused like Infinity.
+    for number in (b"1e999", b"-1E400", b"Infinity", b"NaN"):
+        with pytest.raises(ControlProtocolError, match="JSON"):
+            decode_message_body(b'{"id":1,"status":"OK","value":[' + number + b"]}")
+    assert decode_message_body(b"[1e308,1e-400,-0.5]") == [1e308, 0.0, -0.5]
+
+
 def test_registry_limits_are_checked() -> None:
     for field, value in [
         ("max_keys", 0),
@@ -157,6 +178,10 @@ def test_pipelined_requests_answered_in_order() -> None:
     serve(body)
 
 
+def _raw(body: bytes) -> bytes:
+    return len(body).to_bytes(4, "big") + body
+
+
 BAD_MESSAGES: list[tuple[str, bytes, str]] = [
     ("oversized", (10 * 1024 * 1024).to_bytes(4, "big") + b"{", "cap"),
     ("not JSON", (5).to_bytes(4, "big") + b"{nope", "JSON"),
@@ -177,6 +202,10 @@ BAD_MESSAGES: list[tuple[str, bytes, str]] = [
     ("bad key", encode_message({"id": 7, "request": "lookup", "value": {"key": 5, "max_values": 1}}), "key"),
     ("bad id", encode_message({"id": -1, "request": "lookup", "value": {"key": "k", "max_values": 1}}), "id"),
     ("extra field", encode_message({"id": 7, "request": "lookup", "value": None, "x": 1}), "unexpected x"),
+    # The reason quotes the field, a lone surrogate with no UTF-8 form: the
+    # BAD_REQUEST reply used to fail to encode, inside data_received (found by
+    # fuzz/fuzz_registry.py).
+    ("lone surrogate", _raw(b'{"id":7,"request":"lookup","value":null,"\\ud800":1}'), "unexpected \ud800"),
 ]
 
 

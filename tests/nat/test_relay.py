@@ -258,6 +258,18 @@ def test_registration_proof_is_bound_to_the_connection(forwarders) -> None:
     wait_until(lambda: raw_stats(fwd.port)["sessions"] == 0, 5, "sessions closed")
 
 
+def test_registration_proof_check_refuses_any_non_hex_proof() -> None:
+    """check_registration_proof answers False, never raises, whatever the proof
+    (a lone surrogate used to raise UnicodeEncodeError; found by fuzz/fuzz_control.py)."""
+    from fastnat.protocol import check_registration_proof, registration_proof
+
+    nonce = bytes(16)
+    proof = registration_proof(b"s3cret", nonce, "owned")
+    assert check_registration_proof(b"s3cret", nonce, "owned", proof) is True
+    for bad in ["\ud800", proof[:-1] + "\udfff", proof[:-1] + "\u00e9", proof.upper(), "", None, 5, [proof]]:
+        assert check_registration_proof(b"s3cret", nonce, "owned", bad) is False, bad
+
+
 # ------------------------------------------------------- clients that vanish
 
 
