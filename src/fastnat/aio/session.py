@@ -118,6 +118,7 @@ class MuxSession(asyncio.BufferedProtocol):
         self._accept_waiters: deque[asyncio.Future[None]] = deque()
         self._pings: dict[int, tuple[float, asyncio.Future[float] | None]] = {}
         self._flush_scheduled = False
+        self._flushed_recently = False  # a write went out at once during this loop turn
         self._tcp_paused = False
         self._tcp_blocked: set[StreamTransport] = set()
         self._keepalive_handle: asyncio.TimerHandle | None = None
@@ -460,11 +461,20 @@ class MuxSession(asyncio.BufferedProtocol):
         engine = self._engine
         taken: int = engine.send_data(stream_id, data)
         if taken:
-            if engine.bytes_to_send >= EAGER_FLUSH_SIZE:
+            if engine.bytes_to_send >= EAGER_FLUSH_SIZE or not (self._flush_scheduled or self._flushed_recently):
+                # Out at once: a large write, or the first one since the loop
+                # last turned (no round trip waits a loop turn for it) ...
                 self._flush()
+                if not self._flushed_recently:
+                    self._flushed_recently = True
+                    self._loop.call_soon(self._end_of_turn)
             else:
+                # ... later small writes of the same turn go out together.
                 self._schedule_flush()
         return taken
+
+    def _end_of_turn(self) -> None:
+        self._flushed_recently = False
 
     def _acknowledge(self, stream_id: int, n: int) -> None:
         if self._error is None and n:
