@@ -21,7 +21,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from fastnat._buffers import ReadBuffer
+from fastnat._buffers import ReadBuffer, loop_read_buffer
 
 __all__ = ["Splice", "SPLICE_READ_BUFFER"]
 
@@ -31,19 +31,6 @@ log = logging.getLogger("fastnat.splice")
 # the other side in one write (a stream takes it as 64 KiB frames).
 SPLICE_READ_BUFFER = 256 * 1024
 
-# One receive buffer per event loop serves every splice end: a read is
-# forwarded before the loop runs anything else, so ends never need it at the
-# same time (ReadBuffer replaces it if a transport keeps a view). A buffer per
-# connection would cost an mmap and a munmap for every relayed connection.
-_buffers: dict[int, ReadBuffer] = {}
-
-
-def _loop_buffer() -> ReadBuffer:
-    key = id(asyncio.get_running_loop())
-    buffer = _buffers.get(key)
-    if buffer is None:
-        buffer = _buffers[key] = ReadBuffer(SPLICE_READ_BUFFER)
-    return buffer
 
 
 def _abort_with_reset(transport: asyncio.BaseTransport) -> None:
@@ -79,7 +66,7 @@ class _End(asyncio.BufferedProtocol):
 
     # reading this side
     def get_buffer(self, sizehint: int) -> memoryview:
-        self.buffer = _loop_buffer()
+        self.buffer = loop_read_buffer(SPLICE_READ_BUFFER)  # shared by the loop's connections
         return self.buffer.get()
 
     def buffer_updated(self, nbytes: int) -> None:

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastnat import mux
-from fastnat._buffers import ReadBuffer
+from fastnat._buffers import loop_read_buffer
 from fastnat.aio.stream import MuxStream, StreamTransport
 from fastnat.errors import MuxError, ProtocolError, SessionClosedError
 from fastnat.mux_config import MuxConfig
@@ -44,8 +44,9 @@ _GoAwayReceived = mux.GoAwayReceived
 # connection write timeout) and the session is declared dead.
 DEFAULT_KEEPALIVE_INTERVAL = 30.0
 DEFAULT_KEEPALIVE_TIMEOUT = 10.0
-# One read buffer per session, reused for every read. Large enough that a
-# read drains most of what loopback or a fast link delivers at once (fewer
+# The read buffer (one per event loop, shared by its sessions and splices:
+# see fastnat._buffers), reused for every read. Large enough that a read
+# drains most of what loopback or a fast link delivers at once (fewer
 # syscalls), and allocated once, so no read allocates.
 READ_BUFFER_SIZE = 256 * 1024
 # The TCP transport's write buffer: above HIGH, streams stop handing data to
@@ -112,7 +113,7 @@ class MuxSession(asyncio.BufferedProtocol):
         self._keepalive_timeout = keepalive_timeout
         self._stream_read_limit = stream_read_limit
         self._transport: asyncio.Transport | None = None
-        self._read_buffer = ReadBuffer(READ_BUFFER_SIZE)
+        self._read_buffer = loop_read_buffer(READ_BUFFER_SIZE, self._loop)  # shared by the loop's connections
         self._streams: dict[int, StreamTransport] = {}
         self._accept_queue: deque[StreamTransport] = deque()
         self._accept_waiters: deque[asyncio.Future[None]] = deque()
