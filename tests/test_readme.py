@@ -169,3 +169,38 @@ def test_python_blocking_example(background: Background) -> None:
 def test_python_asyncio_example(background: Background) -> None:
     out = _run_python_block("python-asyncio", background)
     assert "client at ('127.0.0.1'" in out and "b'ping'" in out
+
+
+# The README's benchmark commands, each run here with arguments that make it
+# small (later flags override the same flag given earlier): they must run to
+# the end and print their tables. The figures themselves are not checked.
+SMALL_RUN = {
+    "bench/report_mux.py": ["--rounds", "1", "--min-sample", "0.01"],
+    "bench/report_sessions.py": ["--rounds", "1", "--size", "4M", "--streams", "2"],
+    "bench/report_relay.py": ["--rounds", "1", "--size", "4M", "--rtt-count", "50", "--rtt-warmup", "5",
+                              "--cps-seconds", "0.5", "--cps-loops", "1"],
+    "bench/report_memory.py": ["--streams", "300", "--servers", "4", "--clients", "20", "--round-trips", "50",
+                               "--connects", "2"],
+}
+
+
+def benchmark_commands() -> list[str]:
+    text = README.read_text(encoding="utf-8")
+    return sorted(set(re.findall(r"`(python bench/report_\w+\.py[^`]*)`", text)))
+
+
+def test_the_readme_names_its_benchmark_commands() -> None:
+    assert {shlex.split(c)[1] for c in benchmark_commands()} == set(SMALL_RUN)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("command", benchmark_commands())
+def test_benchmark_command_runs(command: str) -> None:
+    argv = shlex.split(command)
+    script = argv[1]
+    root = README.parent
+    result = subprocess.run([sys.executable, str(root / script), *argv[2:], *SMALL_RUN[script]],
+                            capture_output=True, text=True, timeout=540, cwd=root)
+    assert result.returncode == 0, f"{command}: exit {result.returncode}\n{result.stderr[-3000:]}"
+    assert "|---" in result.stdout, f"{command}: no table in its output:\n{result.stdout[-3000:]}"
