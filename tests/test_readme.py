@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _net_helpers import free_port
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 pytestmark = pytest.mark.timeout(120)
@@ -33,10 +34,6 @@ def blocks() -> dict[str, tuple[str, str]]:
     return found
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Addresses:

@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from _net_helpers import free_port, wait_until  # noqa: F401 (re-exported)
+
 LOOPBACK = "127.0.0.1"
 FASTNAT = [sys.executable, "-m", "fastnat"]
 # The console script installed beside the interpreter (``fastnat``).
@@ -48,23 +50,8 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def free_port(host: str = LOOPBACK) -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    """``predicate()``'s first true value, polled for at most ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def run(args: list[str], *, env: dict[str, str] | None = None, input: bytes | None = None,

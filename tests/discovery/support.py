@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _net_helpers import free_port
 
 from fastnat.protocol import (
     ROLE_REGISTRY,
@@ -141,12 +142,6 @@ class LeakCheck:
             if time.monotonic() > deadline:
                 raise AssertionError("; ".join(problems))
             time.sleep(0.02)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
 
 
 def closed_port() -> int:

@@ -20,9 +20,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+
+from _net_helpers import wait_until  # noqa: F401 (re-exported)
 
 PREFIX = "fne2e"
 _counter = itertools.count(1)
@@ -255,14 +256,3 @@ class Network:
         if stray:
             problems.append(f"links left in the machine's namespace: {stray}")
         return problems
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)

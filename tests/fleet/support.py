@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _net_helpers import wait_until  # noqa: F401 (re-exported)
 from nat.support import _read_line, _stop_process, engine_env, recv_until_eof
 
 import fastnat
@@ -54,16 +55,6 @@ FAST = {
 }
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
-    """``predicate()``'s first true value, polled for at most ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def child_env(engine_name: str, registry: str | None, settings: dict[str, Any] | None = None) -> dict[str, str]:
