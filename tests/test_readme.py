@@ -168,6 +168,12 @@ def test_python_asyncio_example(background: Background) -> None:
     assert "client at ('127.0.0.1'" in out and "b'ping'" in out
 
 
+def test_engine_example() -> None:
+    result = subprocess.run([sys.executable, "-c", blocks()["engine"][1]], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1", "b'hello'"], result.stdout
+
+
 # The README's benchmark commands, each run here with arguments that make it
 # small (later flags override the same flag given earlier): they must run to
 # the end and print their tables. The figures themselves are not checked.
