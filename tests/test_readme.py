@@ -34,8 +34,6 @@ def blocks() -> dict[str, tuple[str, str]]:
     return found
 
 
-
-
 class Addresses:
     def __init__(self) -> None:
         self.relay = free_port()

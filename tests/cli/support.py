@@ -50,10 +50,6 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-
-
-
-
 def run(args: list[str], *, env: dict[str, str] | None = None, input: bytes | None = None,
         timeout: float = RUN_TIMEOUT, cmd: list[str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``fastnat ARGS`` to its end (bounded); text output."""

@@ -55,8 +55,6 @@ FAST = {
 }
 
 
-
-
 def child_env(engine_name: str, registry: str | None, settings: dict[str, Any] | None = None) -> dict[str, str]:
     """A child's environment: its engine, its registry, its timings, nothing else of ours."""
     env = engine_env(engine_name)

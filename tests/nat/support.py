@@ -53,10 +53,6 @@ def engine_env(engine_name: str, **extra: str) -> dict[str, str]:
     return env
 
 
-
-
-
-
 async def async_wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
     deadline = time.monotonic() + timeout
     while True:
