@@ -18,12 +18,12 @@ import asyncio
 import logging
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastnat._buffers import ReadBuffer, loop_read_buffer
 
-__all__ = ["Splice", "SPLICE_READ_BUFFER"]
+__all__ = ["Relays", "Splice", "SPLICE_READ_BUFFER"]
 
 log = logging.getLogger("fastnat.splice")
 
@@ -147,8 +147,8 @@ class Splice:
         initial_b: bytes = b"",
         eof_a: bool = False,
         eof_b: bool = False,
-        error_a: BaseException | None = None,
-        error_b: BaseException | None = None,
+        error_a: Exception | None = None,
+        error_b: Exception | None = None,
         on_bytes: Callable[[str, int], None] | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
@@ -204,3 +204,39 @@ class Splice:
             self._error = exc
         if self.end_a.lost and self.end_b.lost and not self.done.done():
             self.done.set_result(self._error)
+
+
+# How long closing a set of relays waits for their tasks to finish.
+RELAYS_CLOSE_TIMEOUT = 5.0
+
+
+class Relays:
+    """The relayed connections of one tool (``expose``, a tunnel): a task per
+    connection, and its splice once it runs; :meth:`close` ends them all."""
+
+    def __init__(self) -> None:
+        self._splices: set[Splice] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coro`` (one connection's relaying) as a task of this set."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def run(self, splice: Splice) -> None:
+        """Wait for ``splice`` to end; :meth:`close` aborts it meanwhile."""
+        self._splices.add(splice)
+        try:
+            await splice.done
+        finally:
+            self._splices.discard(splice)
+
+    async def close(self) -> None:
+        """Abort every splice and cancel every task (bounded wait)."""
+        for splice in list(self._splices):
+            splice.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=RELAYS_CLOSE_TIMEOUT)

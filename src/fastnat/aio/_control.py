@@ -53,7 +53,7 @@ class FirstMessage(asyncio.Protocol):
         self.message: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.rest = bytearray()
         self.eof = False  # the peer ended its side after the message
-        self.error: BaseException | None = None  # what closed the stream, if it closed (None: cleanly)
+        self.error: Exception | None = None  # what closed the stream, if it closed (None: cleanly)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]

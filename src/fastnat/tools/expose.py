@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 from fastnat.aio._control import HandshakeBuffer
 from fastnat.aio.server import Registration, get_registration
 from fastnat.aio.stream import StreamTransport
 from fastnat.proxy_protocol import proxy_v1_header
-from fastnat.splice import Splice
+from fastnat.splice import Relays, Splice
 
 __all__ = ["Exposure", "expose"]
 
@@ -37,13 +36,10 @@ class Exposure:
         self.connections_total = 0
         self.connections_active = 0
         self.failures = 0
-        self._splices: set[Splice] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._relays = Relays()
 
     def handle(self, stream: StreamTransport, initial: bytes) -> None:
-        task = asyncio.get_running_loop().create_task(self._relay(stream, initial))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._relays.spawn(self._relay(stream, initial))
 
     async def _relay(self, stream: StreamTransport, initial: bytes) -> None:
         loop = asyncio.get_running_loop()
@@ -68,22 +64,15 @@ class Exposure:
         splice = Splice(stream, local, initial_a=initial, initial_b=holder.take_rest(), eof_b=holder.eof)
         stream.resume_reading()
         local.resume_reading()
-        self._splices.add(splice)
         try:
-            await splice.done
+            await self._relays.run(splice)
         finally:
-            self._splices.discard(splice)
             self.connections_active -= 1
 
     async def close(self) -> None:
         """Deregister (the id too, if this was its last port) and end every relayed connection."""
         await self.registration.remove_port(self.port)
-        for splice in list(self._splices):
-            splice.close()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=5)
+        await self._relays.close()
 
 
 async def expose(

@@ -14,10 +14,10 @@ import socket
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from fastnat.aio.client import open_transport
-from fastnat.splice import Splice
+from fastnat.splice import Relays, Splice
 
 __all__ = ["Tunnel", "listen", "stdio"]
 
@@ -43,7 +43,7 @@ class _Waiting(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.tunnel._spawn(self.tunnel._carry(self))
+        self.tunnel._relays.spawn(self.tunnel._carry(self))
 
     def data_received(self, data: bytes) -> None:
         self.early += data
@@ -69,18 +69,12 @@ class Tunnel:
         self.server: asyncio.Server | None = None
         self.connections_total = 0
         self.failures = 0
-        self._splices: set[Splice] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._relays = Relays()
 
     @property
     def address(self) -> tuple[str, int]:
         assert self.server is not None
         return self.server.sockets[0].getsockname()[:2]  # type: ignore[no-any-return]
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _carry(self, waiting: _Waiting) -> None:
         local = waiting.transport
@@ -100,22 +94,13 @@ class Tunnel:
         splice = Splice(local, relay, initial_a=bytes(waiting.early), initial_b=rest, eof_a=waiting.eof, eof_b=relay_eof)
         local.resume_reading()
         relay.resume_reading()
-        self._splices.add(splice)
-        try:
-            await splice.done
-        finally:
-            self._splices.discard(splice)
+        await self._relays.run(splice)
 
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
-        for splice in list(self._splices):
-            splice.close()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=5)
+        await self._relays.close()
 
 
 async def listen(
@@ -147,7 +132,7 @@ def _raw_reader(stream: BinaryIO) -> Callable[[int], bytes]:
     try:
         fd = stream.fileno()
     except (AttributeError, OSError, ValueError):
-        return stream.read1 if hasattr(stream, "read1") else stream.read  # type: ignore[attr-defined,no-any-return]
+        return stream.read1 if hasattr(stream, "read1") else stream.read
     return lambda n: os.read(fd, n)
 
 
