@@ -254,14 +254,12 @@ class Stream:
         self.tail_start = pos
 
     def compare(
-        self, what: str, got: list, error: BaseException | None, *, partial_tail_fails: bool, lossy: bool = False
+        self, what: str, got: list, error: BaseException | None, *, partial_tail_fails: bool
     ) -> None:
         """``got`` (messages, then ``error`` or None) must be what the model read:
         ``partial_tail_fails`` for readers that fail on a stream ending inside
-        a message (others end with None or ``ConnectionResetError``); ``lossy``
-        for ``MessageReader.feed``, which drops the messages of the call that
-        raises (the caller closes the connection then). Depth-dependent
-        decoding failures end the comparison."""
+        a message (others end with None or ``ConnectionResetError``).
+        Depth-dependent decoding failures end the comparison."""
         for i, message in enumerate(got):
             if i >= len(self.messages):
                 if i == len(self.messages) and depth_dependent(self.error):
@@ -270,7 +268,7 @@ class Stream:
             if not same(message, self.messages[i]):
                 raise Divergence(f"{what}: message #{i} is {_short(message)}, the model read {_short(self.messages[i])}")
         if len(got) < len(self.messages):
-            if depth_dependent(error) or (lossy and self.error is not None and isinstance(error, ControlProtocolError)):
+            if depth_dependent(error):
                 return
             raise Divergence(f"{what}: {len(got)} messages then {error!r}; the model read {len(self.messages)}")
         if self.error is not None:
@@ -394,18 +392,21 @@ def read_hello_reply_chunked(inp: Input):
 
 
 def read_messages(model: Stream, stream: bytes, chunks: list[bytes], limits: list, max_size: int) -> None:
-    # Everything at once, no limit. (On an error, the messages of the same
-    # call are lost: the connection is closed then.)
+    # Everything at once, no limit: the good messages, then (on bad input)
+    # the error, raised by the next feed.
     reader = proto.MessageReader(max_size)
+    got, error = [], None
     try:
         got = at_depth(DEPTH_PAD, reader.feed, stream)
+        if got:
+            at_depth(DEPTH_PAD, reader.feed, b"")
     except ControlProtocolError as exc:
+        error = exc
         if model.error is None and not depth_dependent(exc):
             raise Divergence(f"MessageReader.feed(everything) raised {exc!r}; the model read a good stream") from None
-    else:
-        model.compare("MessageReader.feed(everything)", got, None, partial_tail_fails=False)
-        if model.error is None and reader.buffered != len(stream) - model.tail_start:
-            raise InvariantError(f"{reader.buffered} bytes buffered, {len(stream) - model.tail_start} expected")
+    model.compare("MessageReader.feed(everything)", got, error, partial_tail_fails=False)
+    if error is None and model.error is None and reader.buffered != len(stream) - model.tail_start:
+        raise InvariantError(f"{reader.buffered} bytes buffered, {len(stream) - model.tail_start} expected")
     # In the chunks, with the limits; then drained.
     reader = proto.MessageReader(max_size)
     got, error, fed = [], None, 0
@@ -419,7 +420,10 @@ def read_messages(model: Stream, stream: bytes, chunks: list[bytes], limits: lis
         if limit is not None and len(out) > limit:
             raise InvariantError(f"feed(limit={limit}) returned {len(out)} messages")
         got += out
-        if len(got) <= len(model.ends):
+        # Once every good message is out, bad input may have been met (and
+        # its error held for the next feed): nothing is buffered then.
+        error_may_be_held = model.error is not None and len(got) == len(model.ends)
+        if len(got) <= len(model.ends) and not error_may_be_held:
             # Everything after the messages returned stays buffered (for take_rest()).
             start = model.ends[len(got) - 1] if got else 0
             if reader.buffered != fed - start:
@@ -434,7 +438,7 @@ def read_messages(model: Stream, stream: bytes, chunks: list[bytes], limits: lis
             if not out:
                 break
             got += out
-    model.compare("MessageReader.feed(chunks)", got, error, partial_tail_fails=False, lossy=True)
+    model.compare("MessageReader.feed(chunks)", got, error, partial_tail_fails=False)
     if error is None and model.error is None:
         rest = reader.take_rest()
         if rest != stream[model.tail_start :] or reader.buffered:

@@ -29,6 +29,7 @@ import hmac
 import ipaddress
 import json
 import math
+import re
 import struct
 from typing import Any
 
@@ -113,6 +114,12 @@ _MAX_REQUEST_ID = 0xFFFFFFFF
 _PROOF_LENGTH = 64
 
 _LENGTH = struct.Struct(">I")
+# Peer-supplied text quoted in an error (and so in a log line) is cut to this
+# many characters: enough to recognise it, and a 64 KiB field cannot flood a log.
+_SHOWN_LENGTH = 80
+# An IPv6 zone (``fe80::1%eth0``) names an interface: Linux interface names
+# are at most 15 characters, and a numeric zone id fits as well.
+_ZONE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 
 
 class HelloStatus:
@@ -280,6 +287,9 @@ class MessageReader:
     def __init__(self, max_size: int = MAX_MESSAGE_SIZE) -> None:
         self._buffer = bytearray()
         self._max_size = max_size
+        # An error met after good messages in the same feed: those are
+        # returned first, and the error is raised by the next feed.
+        self._error: ControlProtocolError | None = None
 
     @property
     def buffered(self) -> int:
@@ -287,18 +297,32 @@ class MessageReader:
 
     def feed(self, data: bytes, limit: int | None = None) -> list[Any]:
         """Add ``data``; return the messages it completes (at most ``limit``,
-        leaving the bytes after them buffered for :meth:`take_rest`)."""
+        leaving the bytes after them buffered for :meth:`take_rest`).
+
+        Bad input raises :class:`ControlProtocolError`; when good messages
+        came before it, they are returned and the error is raised by the
+        next call (with ``b""`` to just collect it).
+        """
+        if self._error is not None:
+            raise self._error
         buffer = self._buffer
         buffer += data
         messages: list[Any] = []
         offset = 0
-        while len(buffer) - offset >= 4 and (limit is None or len(messages) < limit):
-            length = decode_message_length(bytes(buffer[offset : offset + 4]), self._max_size)
-            if len(buffer) - offset - 4 < length:
-                break
-            body = bytes(buffer[offset + 4 : offset + 4 + length])
-            offset += 4 + length
-            messages.append(_decode_json(body))
+        try:
+            while len(buffer) - offset >= 4 and (limit is None or len(messages) < limit):
+                length = decode_message_length(bytes(buffer[offset : offset + 4]), self._max_size)
+                if len(buffer) - offset - 4 < length:
+                    break
+                body = bytes(buffer[offset + 4 : offset + 4 + length])
+                messages.append(_decode_json(body))
+                offset += 4 + length
+        except ControlProtocolError as exc:
+            if not messages:
+                raise
+            self._error = exc
+            buffer.clear()
+            return messages
         if offset:
             del buffer[:offset]
         return messages
@@ -402,12 +426,12 @@ def _fields(obj: Any, kind: str, names: tuple[str, ...]) -> dict[str, Any]:
     keys = set(obj)
     if keys != set(names):
         missing = sorted(set(names) - keys)
-        extra = sorted(keys - set(names))
+        extra = keys - set(names)
         parts = []
         if missing:
             parts.append(f"missing {', '.join(missing)}")
         if extra:
-            parts.append(f"unexpected {', '.join(map(str, extra))}")
+            parts.append(f"unexpected {_shown_names(extra)}")
         raise ControlProtocolError(f"{kind} fields: {'; '.join(parts)}")
     request_id = obj["id"]
     if type(request_id) is not int or not 0 <= request_id <= _MAX_REQUEST_ID:
@@ -420,7 +444,7 @@ def parse_request(obj: Any) -> Request:
     fields = _fields(obj, "request", ("id", "request", "value"))
     name = fields["request"]
     if not isinstance(name, str) or name not in REQUESTS:
-        raise ControlProtocolError(f"unknown request {name!r}")
+        raise ControlProtocolError(f"unknown request {_shown(name)}")
     req = Request(fields["id"], name, fields["value"])
     _check_request(req)
     return req
@@ -431,7 +455,7 @@ def parse_reply(obj: Any) -> Reply:
     fields = _fields(obj, "reply", ("id", "status", "value"))
     status = fields["status"]
     if not isinstance(status, str) or status not in Status.ALL:
-        raise ControlProtocolError(f"unknown status {status!r}")
+        raise ControlProtocolError(f"unknown status {_shown(status)}")
     return Reply(fields["id"], status, fields["value"])
 
 
@@ -494,8 +518,23 @@ def _object(value: Any, required: tuple[str, ...], optional: tuple[str, ...] = (
         raise ValueError(f"value lacks {', '.join(sorted(missing))}")
     extra = keys - set(required) - set(optional)
     if extra:
-        raise ValueError(f"value has unexpected {', '.join(sorted(map(str, extra)))}")
+        raise ValueError(f"value has unexpected {_shown_names(extra)}")
     return value
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)`` for an error message, cut to :data:`_SHOWN_LENGTH` characters.
+
+    repr escapes newlines and other control characters, so a peer's text
+    cannot forge log lines.
+    """
+    text = repr(value)
+    return text if len(text) <= _SHOWN_LENGTH else text[: _SHOWN_LENGTH - 3] + "..."
+
+
+def _shown_names(names: Any) -> str:
+    """Peer-supplied field names, quoted (see :func:`_shown`), in a stable order."""
+    return ", ".join(sorted(_shown(name) for name in names))
 
 
 def _is_hex(text: str) -> bool:
@@ -524,10 +563,15 @@ def validate_port(port: Any, *, allow_zero: bool = False) -> int:
 def _validate_ip(ip: Any) -> str:
     if not isinstance(ip, str):
         raise ValueError(f"ip must be a string, not {type(ip).__name__}")
+    address, _, zone = ip.partition("%")
     try:
-        ipaddress.ip_address(ip)
+        parsed = ipaddress.ip_address(address)
     except ValueError:
-        raise ValueError(f"{ip!r} is not an IP address") from None
+        raise ValueError(f"{_shown(ip)} is not an IP address") from None
+    # ipaddress takes any text after "%" as a zone, newlines included; a zone
+    # is an interface name or number, and only an IPv6 address has one.
+    if "%" in ip and (parsed.version != 6 or not _ZONE.fullmatch(zone)):
+        raise ValueError(f"{_shown(ip)} is not an IP address (bad zone)")
     return ip
 
 

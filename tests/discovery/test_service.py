@@ -91,7 +91,7 @@ def test_protocol_knows_the_registry_role_and_requests() -> None:
         encode_request(1, name, value)
     bad = [
         ("announce", {"key": "k", "value": "v"}, "lacks ttl"),
-        ("announce", {"key": "k", "value": "v", "ttl": 1, "extra": 1}, "unexpected extra"),
+        ("announce", {"key": "k", "value": "v", "ttl": 1, "extra": 1}, "unexpected 'extra'"),
         ("announce", {"key": "", "value": "v", "ttl": 1}, "key"),
         ("announce", {"key": "k", "value": "v", "ttl": 0}, "ttl"),
         ("announce", {"key": "k", "value": "v", "ttl": "1"}, "ttl"),
@@ -201,11 +201,11 @@ BAD_MESSAGES: list[tuple[str, bytes, str]] = [
     ),
     ("bad key", encode_message({"id": 7, "request": "lookup", "value": {"key": 5, "max_values": 1}}), "key"),
     ("bad id", encode_message({"id": -1, "request": "lookup", "value": {"key": "k", "max_values": 1}}), "id"),
-    ("extra field", encode_message({"id": 7, "request": "lookup", "value": None, "x": 1}), "unexpected x"),
+    ("extra field", encode_message({"id": 7, "request": "lookup", "value": None, "x": 1}), "unexpected 'x'"),
     # The reason quotes the field, a lone surrogate with no UTF-8 form: the
     # BAD_REQUEST reply used to fail to encode, inside data_received (found by
     # fuzz/fuzz_registry.py).
-    ("lone surrogate", _raw(b'{"id":7,"request":"lookup","value":null,"\\ud800":1}'), "unexpected \ud800"),
+    ("lone surrogate", _raw(b'{"id":7,"request":"lookup","value":null,"\\ud800":1}'), "unexpected '\\ud800'"),
 ]
 
 
