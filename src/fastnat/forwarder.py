@@ -56,7 +56,8 @@ from fastnat.protocol import (
     parse_request,
 )
 from fastnat.discovery import Registry, open_registry
-from fastnat.locate import ForwarderAddress
+from fastnat.discovery.store import StoreFull
+from fastnat.locate import ForwarderAddress, server_key
 from fastnat.settings import FORWARDER_KEY, get_settings
 from fastnat.splice import Splice
 
@@ -612,6 +613,8 @@ class Forwarder:
         settings = get_settings()
         try:
             while True:
+                for server_id in self._servers:
+                    self._list_server(server_id, listed=True)  # renew before the TTL runs out
                 try:
                     if self.full:
                         if self._advertised_now:
@@ -639,6 +642,22 @@ class Forwarder:
                     pass
             if self._registry_arg is not None and isinstance(self._registry_arg, str):
                 await registry.close()
+
+    def _list_server(self, server_id: str, *, listed: bool) -> None:
+        """List (or unlist) a server id held here in the registry this forwarder
+        hosts, as ``__NAT_SRV__<id>``: so one forwarder is a complete
+        deployment even for a server that named the forwarder and no registry."""
+        if self.registry_service is None or self.advertised is None:
+            return
+        key, value = server_key(server_id), self.advertised.server_value()
+        store = self.registry_service.store
+        if not listed:
+            store.withdraw(key, value)
+            return
+        try:
+            store.announce(key, value, get_settings().announce_ttl)
+        except StoreFull as exc:
+            log.warning("cannot list %r in the hosted registry: %s", server_id, exc)
 
     # ---------------------------------------------------------------- stats
 
@@ -719,6 +738,7 @@ class Forwarder:
             self._servers[server_id] = link
             link.ids[server_id] = set()
             self.counters.server(server_id)
+            self._list_server(server_id, listed=True)
             self._advertisement_changed()
             log.info("registered %r from %s:%d", server_id, link.peer[0], link.peer[1])
         return Status.OK, None
@@ -728,6 +748,7 @@ class Forwarder:
         if self._servers.get(server_id) is link:
             del self._servers[server_id]
             self.counters.per_server.pop(server_id, None)
+            self._list_server(server_id, listed=False)
             self._advertisement_changed()
             log.info("deregistered %r", server_id)
 

@@ -117,3 +117,27 @@ def test_aio_loop_leaves_no_registry_connection(fleet, monkeypatch) -> None:
         for loop in [loop for loop in locate._registries if loop is not loop_thread.get_loop()]:
             del locate._registries[loop]
         gc.collect()
+
+
+def test_server_naming_only_the_forwarder_is_listed_in_its_registry(nat_engine: str, fleet, monkeypatch) -> None:
+    """A server that names a forwarder and no registry can still be found
+    through that forwarder's registry: the forwarder lists the ids it holds
+    (and unlists them when they leave)."""
+    fwd = fleet.forwarder(plain=True)
+    monkeypatch.delenv("FASTNAT_REGISTRY", raising=False)
+    fastnat.configure(registry=None)
+
+    def echo(ip, port, sock, this, listen) -> None:
+        with sock:
+            while data := sock.recv(65536):
+                sock.sendall(data)
+
+    handle = fastnat.nat_waitforconn("direct", 80, echo, forwarderIP=fwd.host, forwarderPort=fwd.port)
+    try:
+        assert handle.registration.forwarder_addresses == [fwd.address]
+        wait_until(lambda: server_entries(fwd.url, "direct") == {fwd.server_value}, 5, "the id listed by its forwarder")
+        monkeypatch.setenv("FASTNAT_REGISTRY", fwd.url)
+        assert seed_echo("direct", 80, b"found") == (b"found", fwd.port)
+    finally:
+        fastnat.nat_stopcomm(handle)
+    wait_until(lambda: server_entries(fwd.url, "direct") == set(), 5, "the id unlisted when it left")
