@@ -134,6 +134,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_port(allow_zero=True, env="FASTNAT_REGISTRY_PORT"),
                    default=_env("FASTNAT_REGISTRY_PORT", str(DEFAULT_REGISTRY_PORT)),
                    help=f"port ($FASTNAT_REGISTRY_PORT, default {DEFAULT_REGISTRY_PORT})")
+    p.add_argument("--secret", default=_env("FASTNAT_SECRET"),
+                   help="demand proof of this secret for every announce and withdraw ($FASTNAT_SECRET)")
+    p.add_argument("--secrets-file", default=_env("FASTNAT_SECRETS_FILE"),
+                   help="per-id secrets for the ids' own keys, one 'id secret' per line ($FASTNAT_SECRETS_FILE)")
 
     p = sub.add_parser("expose", help="publish a local TCP service under ID, reachable through forwarders")
     p.add_argument("id", help="the server id to publish under")
@@ -209,10 +213,7 @@ async def _forwarder(args: argparse.Namespace) -> int:
         max_pending_handshakes=args.max_pending_handshakes,
         handshake_timeout=args.handshake_timeout,
     )
-    try:
-        secrets = load_secrets(args.secrets_file) if args.secrets_file else None
-    except OSError as exc:
-        raise _UserError(f"cannot read the secrets file: {exc}") from None
+    secrets = _load_secrets_file(args.secrets_file)
     forwarder = Forwarder(
         args.host, args.port, limits=limits, secret=args.secret, secrets=secrets,
         registry=args.registry, advertise=args.advertise, host_registry=not args.no_embedded_registry,
@@ -225,10 +226,19 @@ async def _forwarder(args: argparse.Namespace) -> int:
     return await _until_signal(forwarder.start, stop, lambda: f"fastnat forwarder listening on {args.host}:{forwarder.port}")
 
 
-async def _registry(args: argparse.Namespace) -> int:
-    from fastnat.discovery.service import RegistryServer
+def _load_secrets_file(path: str | None) -> dict[str, bytes] | None:
+    try:
+        return load_secrets(path) if path else None
+    except (OSError, ValueError) as exc:
+        raise _UserError(f"cannot read the secrets file: {exc}") from None
 
-    server = RegistryServer(args.host, args.port)
+
+async def _registry(args: argparse.Namespace) -> int:
+    from fastnat.discovery.service import RegistryServer, RegistryService
+
+    secret = args.secret.encode() if args.secret else None
+    service = RegistryService(secret=secret, secrets=_load_secrets_file(args.secrets_file))
+    server = RegistryServer(args.host, args.port, service)
 
     async def stop() -> None:
         server.close()

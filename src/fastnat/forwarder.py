@@ -504,7 +504,8 @@ class Forwarder:
         if self._host_registry:
             from fastnat.discovery.service import RegistryService
 
-            self.registry_service = RegistryService()
+            # Writes to the hosted registry need the same secrets as registrations.
+            self.registry_service = RegistryService(secret=self.secret, secrets=self.secrets)
         self._server = await loop.create_server(lambda: _Handshake(self), self.host, self.requested_port, ssl=self.ssl)
         log.info("forwarder listening on %s", ", ".join(f"{a[0]}:{a[1]}" for a in self.addresses))
         self._start_advertising()
@@ -583,7 +584,7 @@ class Forwarder:
     def _start_advertising(self) -> None:
         registry = self._registry_arg
         if isinstance(registry, str):
-            registry = open_registry(registry)
+            registry = open_registry(registry, secret=self.secret)
         elif registry is None and self.registry_service is not None:
             from fastnat.discovery.memory import MemoryRegistry
 

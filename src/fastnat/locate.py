@@ -103,11 +103,11 @@ def parse_server_value(value: str) -> tuple[str, int]:
 # to the loop that made it. Keyed weakly by the loop, so that a loop that has
 # ended (asyncio.run returned) takes its clients, and their sockets, with it;
 # close_registries() closes them properly before that.
-_registries: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Registry]] = weakref.WeakKeyDictionary()
+_registries: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, bytes | None], Registry]] = weakref.WeakKeyDictionary()
 _closers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
 
 
-async def _close_at_loop_end(clients: dict[str, Registry]) -> AsyncIterator[None]:
+async def _close_at_loop_end(clients: dict[tuple[str, bytes | None], Registry]) -> AsyncIterator[None]:
     """Parked at its ``yield`` for the loop's lifetime. asyncio.run (and
     asyncio.Runner) finalise every async generator of a loop before closing
     it, which runs the ``finally`` here: the loop's registry clients are
@@ -123,23 +123,24 @@ async def _close_at_loop_end(clients: dict[str, Registry]) -> AsyncIterator[None
         clients.clear()
 
 
-def shared_registry(url: str | None = None) -> Registry | None:
-    """The registry client for ``url`` (default: the configured one) on this loop."""
+def shared_registry(url: str | None = None, *, secret: bytes | None = None) -> Registry | None:
+    """The registry client for ``url`` (default: the configured one) on this
+    loop; ``secret`` proves its writes (see :func:`~fastnat.discovery.open_registry`)."""
     url = url or registry_url()
     if not url:
         return None
     loop = asyncio.get_running_loop()
     clients = _registries.get(loop)
-    registry = clients.get(url) if clients is not None else None
+    registry = clients.get((url, secret)) if clients is not None else None
     if registry is not None:
         return registry
-    registry = open_registry(url)  # a bad URL raises here, before anything is set up
+    registry = open_registry(url, secret=secret)  # a bad URL raises here, before anything is set up
     if clients is None:
         clients = _registries[loop] = {}
         closer = _close_at_loop_end(clients)
         _closers[loop] = closer  # a strong reference: the loop tracks it weakly
         loop.create_task(_park(closer))  # start it, so that the loop knows it
-    clients[url] = registry
+    clients[(url, secret)] = registry
     return registry
 
 

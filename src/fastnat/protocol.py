@@ -83,6 +83,8 @@ __all__ = [
     "validate_port",
     "registration_proof",
     "check_registration_proof",
+    "registry_write_proof",
+    "check_registry_write_proof",
     "reply_error",
     "hello_error",
 ]
@@ -466,10 +468,7 @@ def _check_request(req: Request) -> None:
         if name in ("reg_serv",):
             v = _object(value, required=("server",), optional=("proof",))
             validate_server_id(v["server"])
-            if "proof" in v and v["proof"] is not None:
-                proof = v["proof"]
-                if not isinstance(proof, str) or len(proof) != _PROOF_LENGTH or not _is_hex(proof):
-                    raise ValueError(f"proof must be {_PROOF_LENGTH} hex digits")
+            _validate_proof(v)
         elif name == "dereg_serv":
             validate_server_id(_object(value, required=("server",))["server"])
         elif name in ("reg_port", "dereg_port", "client_init"):
@@ -493,18 +492,20 @@ def _check_request(req: Request) -> None:
             if value is not None:
                 raise ValueError("takes no value (null)")
         elif name == "announce":
-            v = _object(value, required=("key", "value", "ttl"))
+            v = _object(value, required=("key", "value", "ttl"), optional=("proof",))
             validate_key(v["key"])
             validate_value(v["value"])
             validate_ttl(v["ttl"])
+            _validate_proof(v)
         elif name == "lookup":
             v = _object(value, required=("key", "max_values"))
             validate_key(v["key"])
             validate_max_values(v["max_values"])
         elif name == "withdraw":
-            v = _object(value, required=("key", "value"))
+            v = _object(value, required=("key", "value"), optional=("proof",))
             validate_key(v["key"])
             validate_value(v["value"])
+            _validate_proof(v)
     except ValueError as exc:
         raise ControlProtocolError(f"{name}: {exc}") from None
 
@@ -535,6 +536,12 @@ def _shown(value: Any) -> str:
 def _shown_names(names: Any) -> str:
     """Peer-supplied field names, quoted (see :func:`_shown`), in a stable order."""
     return ", ".join(sorted(_shown(name) for name in names))
+
+
+def _validate_proof(value: dict[str, Any]) -> None:
+    proof = value.get("proof")
+    if proof is not None and (not isinstance(proof, str) or len(proof) != _PROOF_LENGTH or not _is_hex(proof)):
+        raise ValueError(f"proof must be {_PROOF_LENGTH} hex digits")
 
 
 def _is_hex(text: str) -> bool:
@@ -585,10 +592,29 @@ def registration_proof(secret: bytes, nonce: bytes, server_id: str) -> str:
 
 def check_registration_proof(secret: bytes, nonce: bytes, server_id: str, proof: Any) -> bool:
     """Constant-time check of a registration proof."""
+    return _same_proof(registration_proof(secret, nonce, server_id), proof)
+
+
+def registry_write_proof(secret: bytes, nonce: bytes, request: str, key: str, value: str) -> str:
+    """HMAC-SHA256(secret, nonce || request || 0 || key || 0 || value), hex: what an
+    ``announce`` or ``withdraw`` carries to a registry that demands proof.
+
+    The request name is inside, so a proof to announce cannot withdraw; keys
+    and values are printable, so the zero bytes separate them unambiguously.
+    """
+    message = nonce + b"\0".join(part.encode("utf-8", "surrogatepass") for part in (request, key, value))
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+def check_registry_write_proof(secret: bytes, nonce: bytes, request: str, key: str, value: str, proof: Any) -> bool:
+    """Constant-time check of a registry write proof."""
+    return _same_proof(registry_write_proof(secret, nonce, request, key, value), proof)
+
+
+def _same_proof(expected: str, proof: Any) -> bool:
     # A proof is hex: anything else is wrong (and a lone surrogate cannot be encoded).
     if not isinstance(proof, str) or not proof.isascii():
         return False
-    expected = registration_proof(secret, nonce, server_id)
     return hmac.compare_digest(expected.encode(), proof.encode())
 
 

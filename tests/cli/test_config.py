@@ -11,12 +11,14 @@ from .support import (
     FORWARDER_READY,
     LISTEN_READY,
     LOOPBACK,
+    REGISTRY_READY,
     Processes,
     Service,
     clean_env,
     connected,
     echo,
     free_port,
+    lookup,
     recv_until_eof,
     registry_url,
     run,
@@ -153,3 +155,35 @@ def test_forwarder_flag_beats_the_environment(forwarder: int) -> None:
     env = clean_env(FASTNAT_FORWARDERS=f"{LOOPBACK}:{free_port()}", FASTNAT_REGISTRY=registry_url(free_port()))
     result = run(["status", "--json", "--forwarder", f"{LOOPBACK}:{forwarder}"], env=env)
     assert result.returncode == 0, result
+
+
+def test_a_registry_with_a_secret(procs: Processes, services: Callable[..., Service], tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``fastnat registry --secret``: a forwarder and an expose that know the
+    secret write to it (the forwarder advertises, the server announces); an
+    expose that does not is refused, and says why."""
+    registry = procs.start(["registry", "--host", LOOPBACK, "--port", "0", "--secret", "reg-s3cret"])
+    url = registry_url(int(registry.wait_line(REGISTRY_READY).group(2)))
+    _, fwd_port = procs.forwarder("--registry", url, "--secret", "reg-s3cret")
+    wait_until(lambda: lookup(url, "__NAT__FORWARDER__") != [], 10, "the forwarder to advertise itself")
+    service = services(echo)
+    procs.start(["expose", "web", "80", "--to", f"{LOOPBACK}:{service.port}"],
+                clean_env(FASTNAT_REGISTRY=url, FASTNAT_SECRET="reg-s3cret")).wait_line(EXPOSE_READY)
+    assert lookup(url, "__NAT_SRV__web") == [f"{LOOPBACK}*{fwd_port}"]
+    result = run(["connect", "web", "80"], env=clean_env(FASTNAT_REGISTRY=url), input=b"guarded")
+    assert result.returncode == 0, result
+    assert result.stdout == "guarded"
+
+    # without the secret: the forwarder refuses the id, and says why
+    stranger = procs.start(["expose", "other", "80", "--to", f"{LOOPBACK}:{service.port}"], clean_env(FASTNAT_REGISTRY=url))
+    assert stranger.wait() != 0
+    assert "AUTH_FAILED" in stranger.stderr()
+    assert lookup(url, "__NAT_SRV__other") == []
+
+
+def test_registry_secrets_file_errors_are_one_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    bad = tmp_path / "secrets"
+    bad.write_text("only-an-id\n")
+    for args in (["--secrets-file", str(bad)], ["--secrets-file", str(tmp_path / "missing")]):
+        result = run(["registry", "--host", LOOPBACK, "--port", "0", *args])
+        assert result.returncode != 0
+        assert result.stderr.startswith("fastnat: error: cannot read the secrets file") and result.stderr.count("\n") == 1, result

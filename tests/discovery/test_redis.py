@@ -278,3 +278,27 @@ def test_many_tasks_share_a_few_connections(redis_server: RedisServer, raw: redi
         assert 1 <= len(clients) <= 16, clients
 
     with_registry(f"{redis_server.url}?prefix={prefix}", body)
+
+
+def test_a_redis_password_guards_the_registry(start_redis: Callable[..., RedisServer]) -> None:
+    """Redis's own access control protects a Redis registry: without the
+    password in the URL nothing can be read or written; with it, everything."""
+    server = start_redis()
+    assert server.command("CONFIG", "SET", "requirepass", "redis-s3cret").startswith(b"+OK")
+    guarded = f"redis://:redis-s3cret@{LOOPBACK}:{server.port}/0"
+    open_url = f"redis://{LOOPBACK}:{server.port}/0"
+
+    async def main() -> None:
+        owner, stranger = open_registry(guarded), open_registry(open_url)
+        try:
+            await owner.announce("k", "v", 30)
+            for attempt in (stranger.announce("k", "forged", 30), stranger.withdraw("k", "v"), stranger.lookup("k")):
+                with pytest.raises(RegistryUnavailableError, match="(?i)auth") as info:
+                    await attempt
+                assert "redis-s3cret" not in str(info.value)
+            assert await owner.lookup("k") == ["v"]
+        finally:
+            await owner.close()
+            await stranger.close()
+
+    run_async(main())

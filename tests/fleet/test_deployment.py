@@ -141,3 +141,39 @@ def test_server_naming_only_the_forwarder_is_listed_in_its_registry(nat_engine: 
     finally:
         fastnat.nat_stopcomm(handle)
     wait_until(lambda: server_entries(fwd.url, "direct") == set(), 5, "the id unlisted when it left")
+
+
+def test_a_forwarder_with_a_secret_guards_its_registry(nat_engine: str, fleet) -> None:
+    """``fastnat forwarder --secret``: servers that know the secret register and
+    announce as before; anyone else can look entries up but can neither
+    withdraw a server's entry nor advertise a forwarder of their own (which
+    would draw servers and clients to it)."""
+    from fastnat.discovery.service import ServiceRegistry
+    from fastnat.errors import AuthenticationError
+    from fastnat.settings import FORWARDER_KEY, SERVER_KEY_PREFIX
+
+    fwd = fleet.forwarder("--secret", "fleet-s3cret", plain=True)
+    wait_until(lambda: forwarders_listed(fwd.url) == {fwd.advertisement}, 5, f"{fwd} advertised")
+    fleet.server("guarded", fwd.url, settings={"secret": "fleet-s3cret"})
+    assert server_entries(fwd.url, "guarded") == {fwd.server_value}
+
+    async def attack() -> list[str]:
+        rogue = ServiceRegistry(fwd.url)
+        refused = []
+        try:
+            for write in (
+                rogue.withdraw(SERVER_KEY_PREFIX + "guarded", fwd.server_value),
+                rogue.announce(FORWARDER_KEY, "127.0.0.1*9*9", 60),
+                rogue.announce(SERVER_KEY_PREFIX + "guarded", "127.0.0.1*9", 60),
+            ):
+                try:
+                    await write
+                except AuthenticationError as exc:
+                    refused.append(str(exc))
+        finally:
+            await rogue.close()
+        return refused
+
+    assert len(run_aio(attack)) == 3
+    assert server_entries(fwd.url, "guarded") == {fwd.server_value}
+    assert forwarders_listed(fwd.url) == {fwd.advertisement}

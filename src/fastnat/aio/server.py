@@ -222,7 +222,7 @@ class Registration:
         self._config = config or settings.mux_config
         self._connect_timeout = connect_timeout
         self._loop = asyncio.get_running_loop()
-        self._registry = registry if registry is not None else shared_registry()
+        self._registry = registry if registry is not None else shared_registry(secret=self._secret)
         self.ports: dict[int, StreamHandler] = {}
         self.error_delegates: list[ErrorDelegate] = []
         self.links: list[_Link] = []

@@ -19,8 +19,12 @@ __all__ = ["Registry", "open_registry", "SUPPORTED_SCHEMES"]
 SUPPORTED_SCHEMES = ("memory", "fastnat", "redis")
 
 
-def open_registry(url: str) -> Registry:
-    """A registry client for ``url``; ValueError for an unknown or malformed URL."""
+def open_registry(url: str, *, secret: bytes | None = None) -> Registry:
+    """A registry client for ``url``; ValueError for an unknown or malformed URL.
+
+    ``secret`` proves the right to write to a ``fastnat://`` registry that
+    demands it (default: the process's secret); Redis has its own access
+    control (a password in the URL)."""
     if not isinstance(url, str) or "://" not in url:
         raise ValueError(f"a registry URL looks like memory://, fastnat://host:port or redis://host:port/db, got {url!r}")
     scheme = urllib.parse.urlsplit(url).scheme.lower()
@@ -31,7 +35,7 @@ def open_registry(url: str) -> Registry:
     if scheme == "fastnat":
         from fastnat.discovery.service import ServiceRegistry
 
-        return ServiceRegistry(url)
+        return ServiceRegistry(url, secret=secret)
     if scheme in ("redis", "rediss"):
         from fastnat.discovery.redis import RedisRegistry
 

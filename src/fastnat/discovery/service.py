@@ -47,6 +47,7 @@ import os
 import secrets
 import socket
 import urllib.parse
+from collections.abc import Mapping
 from typing import Any
 
 from fastnat.aio._control import read_message
@@ -59,7 +60,7 @@ from fastnat.discovery.base import (
     validate_value,
 )
 from fastnat.discovery.store import DEFAULT_MAX_KEYS, DEFAULT_MAX_VALUES_PER_KEY, StoreFull, TTLStore
-from fastnat.errors import ControlProtocolError, RegistryUnavailableError
+from fastnat.errors import AuthenticationError, ControlProtocolError, RegistryUnavailableError
 from fastnat.protocol import (
     HELLO_SIZE,
     MAGIC,
@@ -74,6 +75,8 @@ from fastnat.protocol import (
     MessageReader,
     Reply,
     Status,
+    _shown,
+    check_registry_write_proof,
     encode_hello,
     encode_hello_reply,
     encode_reply,
@@ -82,7 +85,9 @@ from fastnat.protocol import (
     parse_hello,
     parse_reply,
     parse_request,
+    registry_write_proof,
 )
+from fastnat.settings import SERVER_KEY_PREFIX, get_settings, secret_from_env
 
 __all__ = ["RegistryLimits", "RegistryService", "RegistryServer", "ServiceRegistry", "DEFAULT_TIMEOUT"]
 
@@ -161,6 +166,9 @@ class _RegistryConnection(asyncio.Protocol):
         self.awaiting_hello = not hello_done
         self.buffer = bytearray()  # the hello, until complete
         self.reader = MessageReader(service.limits.max_message_size)
+        # Fresh per connection, sent in the hello reply: write proofs are
+        # bound to it, so one captured on a connection is useless on another.
+        self.nonce = secrets.token_bytes(NONCE_SIZE)
         self.timer: asyncio.TimerHandle | None = None
         self.counted = False
         self.closed = False
@@ -192,7 +200,7 @@ class _RegistryConnection(asyncio.Protocol):
         if self.awaiting_hello:
             self._arm(service.limits.handshake_timeout, self._hello_timed_out)
         else:
-            transport.write(encode_hello_reply(HelloStatus.OK, PROTOCOL_VERSION, secrets.token_bytes(NONCE_SIZE)))
+            transport.write(encode_hello_reply(HelloStatus.OK, PROTOCOL_VERSION, self.nonce))
             self._arm(service.limits.idle_timeout, self._idle_timed_out)
 
     def _arm(self, delay: float, callback: Any) -> None:
@@ -314,7 +322,7 @@ class _RegistryConnection(asyncio.Protocol):
                 self._drop(f"role {hello.role!r} (a registry serves role {ROLE_REGISTRY!r} only)", "bad_role")
                 return
             self.awaiting_hello = False
-            self.transport.write(encode_hello_reply(HelloStatus.OK, PROTOCOL_VERSION, secrets.token_bytes(NONCE_SIZE)))
+            self.transport.write(encode_hello_reply(HelloStatus.OK, PROTOCOL_VERSION, self.nonce))
             self._arm(self.service.limits.idle_timeout, self._idle_timed_out)
         self.reader.feed(data, limit=0)  # buffered; parsed one at a time below
         self._process()
@@ -346,6 +354,17 @@ class _RegistryConnection(asyncio.Protocol):
         service = self.service
         service.counters[name] += 1
         store = service.store
+        if name != "lookup" and not service.write_allowed(name, value, self.nonce):
+            service.counters["auth_failed"] += 1
+            log.warning(
+                "registry: refused %s of %s from %s:%s: wrong or missing proof",
+                name, _shown(value["key"]), self.peer[0], self.peer[1],
+            )
+            self.transport.write(
+                encode_reply(request.id, Status.AUTH_FAILED, f"{name} of {value['key']!r} needs a proof of the secret")
+            )
+            self._arm(service.limits.idle_timeout, self._idle_timed_out)
+            return
         try:
             if name == "announce":
                 store.announce(value["key"], value["value"], float(value["ttl"]))
@@ -381,14 +400,43 @@ class RegistryService:
     ``MemoryRegistry(store=service.store)``.
     """
 
-    def __init__(self, limits: RegistryLimits | None = None, *, store: TTLStore | None = None) -> None:
+    def __init__(
+        self,
+        limits: RegistryLimits | None = None,
+        *,
+        store: TTLStore | None = None,
+        secret: bytes | None = None,
+        secrets: Mapping[str, bytes] | None = None,
+    ) -> None:
         self.limits = limits or RegistryLimits()
+        # With a secret (or per-id secrets), announce and withdraw must prove
+        # it (see registry_write_proof); lookups stay open to anyone.
+        self.secret = secret
+        self.secrets = secrets
         if store is None:
             store = TTLStore(max_keys=self.limits.max_keys, max_values_per_key=self.limits.max_values_per_key)
         self.store = store
         self.counters: collections.Counter[str] = collections.Counter()
         self._connections: set[_RegistryConnection] = set()
         self._closing = False
+
+    def secret_for(self, key: str) -> bytes | None:
+        """The secret a write to ``key`` must prove: a server id's own secret
+        for its ``__NAT_SRV__<id>`` key when one is known, else the shared one."""
+        if self.secrets is not None and key.startswith(SERVER_KEY_PREFIX):
+            own = self.secrets.get(key[len(SERVER_KEY_PREFIX) :])
+            if own is not None:
+                return own
+        return self.secret
+
+    def write_allowed(self, request: str, value: dict[str, Any], nonce: bytes) -> bool:
+        """Whether an ``announce`` or ``withdraw`` may change the store."""
+        if self.secret is None and self.secrets is None:
+            return True
+        secret = self.secret_for(value["key"])
+        return secret is not None and check_registry_write_proof(
+            secret, nonce, request, value["key"], value["value"], value.get("proof")
+        )
 
     @property
     def connection_count(self) -> int:
@@ -587,7 +635,7 @@ class ServiceRegistry(Registry):
     from another loop drops the old connection and makes a new one).
     """
 
-    def __init__(self, url: str, *, timeout: float | None = None) -> None:
+    def __init__(self, url: str, *, timeout: float | None = None, secret: bytes | str | None = None) -> None:
         host, port, url_timeout = _parse_url(url)
         if timeout is None:
             timeout = url_timeout if url_timeout is not None else DEFAULT_TIMEOUT
@@ -604,6 +652,10 @@ class ServiceRegistry(Registry):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock: asyncio.Lock | None = None
         self._next_id = 0
+        # The secret announce and withdraw prove to a registry that demands it
+        # (default: the process's, fastnat.configure(secret=) or FASTNAT_SECRET).
+        self._secret = secret.encode() if isinstance(secret, str) else secret
+        self._nonce: bytes | None = None  # the connection's, from its hello reply
 
     # ------------------------------------------------------------ contract
 
@@ -639,6 +691,7 @@ class ServiceRegistry(Registry):
         """Drop the connection at once (its state is unknown)."""
         writer = self._writer
         self._reader = self._writer = None
+        self._nonce = None
         if writer is None:
             return
         loop = self._loop
@@ -686,18 +739,35 @@ class ServiceRegistry(Registry):
             # restarted, or closed it as idle): once more, on a new one.
             return await self._exchange(name, value, False)
 
+    def _write_secret(self) -> bytes | None:
+        if self._secret is not None:
+            return self._secret
+        return get_settings().secret or secret_from_env()
+
     async def _exchange(self, name: str, value: dict[str, Any], reused: bool) -> Any:
         """One request and its reply, connecting first if needed."""
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF
         request_id = self._next_id
-        message = encode_request(request_id, name, value)
+        secret = self._write_secret() if name != "lookup" else None
         try:
             if self._writer is None:
                 await self._connect()
-                message = encode_hello(ROLE_REGISTRY) + message
-                fresh = True
+                hello = encode_hello(ROLE_REGISTRY)
+                if secret is None:
+                    prefix, fresh = hello, True  # the request goes with the hello
+                else:
+                    # A proof needs the connection's nonce: the hello first.
+                    self._writer.write(hello)
+                    assert self._reader is not None
+                    await asyncio.wait_for(self._read_hello(self._reader), self.timeout)
+                    prefix, fresh = b"", False
             else:
-                fresh = False
+                prefix, fresh = b"", False
+            if secret is not None:
+                assert self._nonce is not None
+                proof = registry_write_proof(secret, self._nonce, name, value["key"], value["value"])
+                value = {**value, "proof": proof}
+            message = prefix + encode_request(request_id, name, value)
             assert self._reader is not None and self._writer is not None
             reader, writer = self._reader, self._writer
             writer.write(message)
@@ -725,6 +795,9 @@ class ServiceRegistry(Registry):
             return reply.value
         if reply.status == Status.FULL:
             raise ValueError(str(reply.value or f"{self.where} is full"))
+        if reply.status == Status.AUTH_FAILED:
+            why = "the secret given is not the registry's" if secret is not None else "no secret is configured here"
+            raise AuthenticationError(f"{self.where}: {name} refused ({why}): {reply.value}")
         self._forget()
         detail = f": {reply.value}" if reply.value else ""
         raise ControlProtocolError(f"{self.where}: {name} answered {reply.status}{detail}")
@@ -741,22 +814,7 @@ class ServiceRegistry(Registry):
 
     async def _read_reply(self, reader: asyncio.StreamReader, fresh: bool) -> Reply:
         if fresh:
-            parser = HelloReplyReader()
-            try:
-                head = await reader.readexactly(HelloReplyReader.max_size() - 255)
-                hello = parser.feed(head)
-                if hello is None:  # the versions the service speaks follow
-                    hello = parser.feed(await reader.readexactly(head[-1]))
-            except asyncio.IncompleteReadError:
-                raise RegistryUnavailableError(f"{self.where}: the connection closed during the hello") from None
-            except ControlProtocolError as exc:
-                raise ControlProtocolError(f"{self.where}: not a fastnat registry ({exc})") from None
-            assert hello is not None
-            if hello.status == HelloStatus.BUSY:
-                raise RegistryUnavailableError(f"{self.where}: the registry is at its connection limit")
-            error = hello_error(hello, self.where)
-            if error is not None:
-                raise error
+            await self._read_hello(reader)
         try:
             message = await read_message(reader)
         except ControlProtocolError as exc:
@@ -767,3 +825,23 @@ class ServiceRegistry(Registry):
             return parse_reply(message)
         except ControlProtocolError as exc:
             raise ControlProtocolError(f"{self.where}: {exc}") from None
+
+    async def _read_hello(self, reader: asyncio.StreamReader) -> None:
+        """Read the hello reply; keep its nonce (write proofs are bound to it)."""
+        parser = HelloReplyReader()
+        try:
+            head = await reader.readexactly(HelloReplyReader.max_size() - 255)
+            hello = parser.feed(head)
+            if hello is None:  # the versions the service speaks follow
+                hello = parser.feed(await reader.readexactly(head[-1]))
+        except asyncio.IncompleteReadError:
+            raise RegistryUnavailableError(f"{self.where}: the connection closed during the hello") from None
+        except ControlProtocolError as exc:
+            raise ControlProtocolError(f"{self.where}: not a fastnat registry ({exc})") from None
+        assert hello is not None
+        if hello.status == HelloStatus.BUSY:
+            raise RegistryUnavailableError(f"{self.where}: the registry is at its connection limit")
+        error = hello_error(hello, self.where)
+        if error is not None:
+            raise error
+        self._nonce = hello.nonce
