@@ -30,7 +30,7 @@ import ipaddress
 import json
 import math
 import struct
-from typing import Any
+from typing import Any, ClassVar
 
 from fastnat.discovery.base import validate_key, validate_max_values, validate_ttl, validate_value
 from fastnat.errors import (
@@ -132,7 +132,7 @@ class HelloStatus:
 
     NAMES = {0: "OK", 1: "VERSION_UNSUPPORTED", 2: "BAD_ROLE", 3: "BUSY", 4: "IP_CONNECTIONS", 5: "IP_HANDSHAKES"}
     # What each refusal at a limit means, for error messages: the limit's name first.
-    LIMITS = {
+    LIMITS: ClassVar[dict[int, str]] = {
         BUSY: "max_pending_handshakes: too many connections are in their handshake",
         IP_CONNECTIONS: "max_connections_per_ip: too many connections from this address",
         IP_HANDSHAKES: "max_handshakes_per_ip: too many pending handshakes from this address",

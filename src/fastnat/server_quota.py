@@ -24,7 +24,7 @@ import logging
 from fastnat.ratelimit import TokenBucket
 from fastnat.splice import Splice, _End
 
-__all__ = ["ServerQuota", "BURST_SECONDS"]
+__all__ = ["BURST_SECONDS", "ServerQuota"]
 
 log = logging.getLogger("fastnat.forwarder")
 

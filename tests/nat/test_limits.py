@@ -130,8 +130,8 @@ def test_connections_per_address(nat_engine: str) -> None:
             await async_wait_until(lambda: fwd._ip_connections.count(LOOPBACK) == 2, 5, "the client to be uncounted")
             reader, writer = await aio.open_connection(SERVER_ID, PORT, forwarder=where)
             assert await round_trip(reader, writer) == b"ping"
-            for writer in (writer, clients[1][1]):
-                await close(writer)
+            for each in (writer, clients[1][1]):
+                await close(each)
 
     with_forwarder(body, max_connections_per_ip=3)
 
@@ -181,8 +181,8 @@ def test_streams_per_server_session(nat_engine: str) -> None:
                     assert loop.time() < deadline, "the closed client's stream was never released"
                     await asyncio.sleep(0.05)
             assert await round_trip(reader, writer) == b"ping"
-            for writer in (writer, clients[1][1]):
-                await close(writer)
+            for each in (writer, clients[1][1]):
+                await close(each)
 
     with_forwarder(body, mux_config=MuxConfig(max_streams=3))
 
