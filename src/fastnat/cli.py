@@ -21,7 +21,9 @@ from typing import Any, NoReturn
 
 from fastnat.aio._loop import run
 from fastnat.errors import NATLayerError
+from fastnat.discovery.service import RegistryLimits
 from fastnat.forwarder import Forwarder, ForwarderLimits, load_secrets
+from fastnat.mux_config import MuxConfig
 from fastnat.settings import REGISTRY_ENV
 
 __all__ = ["main"]
@@ -74,6 +76,39 @@ def _address(*, allow_zero: bool = False) -> Callable[[str], tuple[str, int]]:
     return parse
 
 
+_BYTE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def _positive_int(text: str) -> int:
+    """A whole number above zero, for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number above zero")
+    return value
+
+
+def _positive_number(text: str) -> float:
+    """A finite number above zero, for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number above zero")
+    return value
+
+
+def _byte_count(text: str) -> int:
+    """Bytes, for argparse: a whole number with an optional K, M or G (KiB, MiB, GiB)."""
+    digits, unit = (text[:-1], text[-1].upper()) if text[-1:].isalpha() else (text, "")
+    if unit not in _BYTE_UNITS or not digits.isdigit() or int(digits) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a byte count above zero (a whole number, optionally with K, M or G)")
+    return int(digits) * _BYTE_UNITS[unit]
+
+
 class _Parser(argparse.ArgumentParser):
     """Errors as one line (and exit code 2), not the usage text first."""
 
@@ -122,6 +157,16 @@ def _build_parser() -> argparse.ArgumentParser:
                    help=f"connections still in their handshake (default {defaults.max_pending_handshakes})")
     p.add_argument("--handshake-timeout", type=float, default=defaults.handshake_timeout,
                    help=f"seconds a new connection has to finish its handshake (default {defaults.handshake_timeout:g})")
+    p.add_argument("--max-connections-per-ip", type=_positive_int, default=defaults.max_connections_per_ip,
+                   help=f"concurrent connections from one IP address (default {defaults.max_connections_per_ip})")
+    p.add_argument("--max-handshakes-per-ip", type=_positive_int, default=defaults.max_handshakes_per_ip,
+                   help=f"pending handshakes from one IP address (default {defaults.max_handshakes_per_ip})")
+    p.add_argument("--max-streams-per-session", type=_positive_int, default=MuxConfig().max_streams,
+                   help=f"streams on one server's session, all its ids together (default {MuxConfig().max_streams})")
+    p.add_argument("--server-byte-rate", type=_byte_count, default=None, metavar="BYTES",
+                   help="bytes per second relayed for one server id, both directions together; K, M, G allowed (default: no limit)")
+    p.add_argument("--server-byte-cap", type=_byte_count, default=None, metavar="BYTES",
+                   help="bytes relayed for one server id since it registered, then its clients are cut off (default: no cap)")
     p.add_argument("--registry", default=_env("FASTNAT_REGISTRY"),
                    help="advertise in this registry URL instead of the one this forwarder hosts ($FASTNAT_REGISTRY)")
     p.add_argument("--advertise", default=_env("FASTNAT_ADVERTISE"),
@@ -138,6 +183,13 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="demand proof of this secret for every announce and withdraw ($FASTNAT_SECRET)")
     p.add_argument("--secrets-file", default=_env("FASTNAT_SECRETS_FILE"),
                    help="per-id secrets for the ids' own keys, one 'id secret' per line ($FASTNAT_SECRETS_FILE)")
+    registry_defaults = RegistryLimits()
+    p.add_argument("--max-connections", type=_positive_int, default=registry_defaults.max_connections,
+                   help=f"open connections (default {registry_defaults.max_connections})")
+    p.add_argument("--max-connections-per-ip", type=_positive_int, default=registry_defaults.max_connections_per_ip,
+                   help=f"open connections from one IP address (default {registry_defaults.max_connections_per_ip})")
+    p.add_argument("--max-requests-per-ip", type=_positive_number, default=registry_defaults.max_requests_per_ip_per_second,
+                   help=f"requests per second from one IP address; more wait (default {registry_defaults.max_requests_per_ip_per_second:g})")
 
     p = sub.add_parser("expose", help="publish a local TCP service under ID, reachable through forwarders")
     p.add_argument("id", help="the server id to publish under")
@@ -212,11 +264,16 @@ async def _forwarder(args: argparse.Namespace) -> int:
         max_clients_per_server=args.max_clients_per_server,
         max_pending_handshakes=args.max_pending_handshakes,
         handshake_timeout=args.handshake_timeout,
+        max_connections_per_ip=args.max_connections_per_ip,
+        max_handshakes_per_ip=args.max_handshakes_per_ip,
+        server_byte_rate=args.server_byte_rate,
+        server_byte_cap=args.server_byte_cap,
     )
     secrets = _load_secrets_file(args.secrets_file)
     forwarder = Forwarder(
         args.host, args.port, limits=limits, secret=args.secret, secrets=secrets,
         registry=args.registry, advertise=args.advertise, host_registry=not args.no_embedded_registry,
+        mux_config=MuxConfig(max_streams=args.max_streams_per_session),
     )
 
     async def stop() -> None:
@@ -236,8 +293,13 @@ def _load_secrets_file(path: str | None) -> dict[str, bytes] | None:
 async def _registry(args: argparse.Namespace) -> int:
     from fastnat.discovery.service import RegistryServer, RegistryService
 
+    limits = RegistryLimits(
+        max_connections=args.max_connections,
+        max_connections_per_ip=args.max_connections_per_ip,
+        max_requests_per_ip_per_second=args.max_requests_per_ip,
+    )
     secret = args.secret.encode() if args.secret else None
-    service = RegistryService(secret=secret, secrets=_load_secrets_file(args.secrets_file))
+    service = RegistryService(limits, secret=secret, secrets=_load_secrets_file(args.secrets_file))
     server = RegistryServer(args.host, args.port, service)
 
     async def stop() -> None:

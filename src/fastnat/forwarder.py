@@ -33,7 +33,7 @@ from typing import Any
 from fastnat.aio._control import FirstMessage, read_message
 from fastnat.aio.session import MuxSession
 from fastnat.aio.stream import MuxStream, StreamTransport
-from fastnat.errors import ControlProtocolError, MuxError, ProtocolError
+from fastnat.errors import ControlProtocolError, MuxError, ProtocolError, StreamLimitError
 from fastnat.mux_config import MuxConfig
 from fastnat.protocol import (
     HELLO_SIZE,
@@ -58,6 +58,8 @@ from fastnat.protocol import (
 from fastnat.discovery import Registry, open_registry
 from fastnat.discovery.store import StoreFull
 from fastnat.locate import ForwarderAddress, server_key
+from fastnat.ratelimit import AddressCounts
+from fastnat.server_quota import ServerQuota
 from fastnat.settings import FORWARDER_KEY, get_settings
 from fastnat.splice import Splice
 
@@ -100,12 +102,39 @@ class ForwarderLimits:
     max_ports_per_server: int = 256
     # ``bidirectional`` dials back to the caller with this timeout.
     dial_back_timeout: float = 3.0
+    # Concurrent connections from one IP address (servers, clients, stats
+    # askers; a registry connection counts at the registry instead). One
+    # address may be a NAT gateway with many users, and a popular server's
+    # 1,024 clients may share one: 2,048 leaves room for that while one
+    # address cannot take the descriptors meant for everyone.
+    max_connections_per_ip: int = 2_048
+    # Of max_pending_handshakes, how many one IP address may hold. A
+    # handshake takes one round trip (plus the server's accept), so even a
+    # busy address has few pending; 256 keeps one address from taking the
+    # whole handshake budget and locking everyone else out.
+    max_handshakes_per_ip: int = 256
+    # Bytes per second relayed for one server id, both directions together,
+    # shared by all its clients (None: no limit). Enforced by pausing
+    # reading (see fastnat.server_quota): nothing is buffered or dropped.
+    server_byte_rate: int | None = None
+    # Bytes relayed for one server id since it registered, both directions
+    # together (None: no cap). At the cap its relayed connections are closed
+    # and new clients refused until the id registers anew.
+    server_byte_cap: int | None = None
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
+            if value is None and field.name in _OPTIONAL_LIMITS:
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"ForwarderLimits.{field.name} must be a positive number, got {value!r}")
+            if field.name in _OPTIONAL_LIMITS and not isinstance(value, int):
+                raise ValueError(f"ForwarderLimits.{field.name} must be a whole number of bytes, got {value!r}")
+
+
+# The limits that are off (None) by default.
+_OPTIONAL_LIMITS = frozenset({"server_byte_rate", "server_byte_cap"})
 
 
 def load_secrets(path: str | os.PathLike[str]) -> dict[str, bytes]:
@@ -178,11 +207,12 @@ class _ServerLink:
         self.task: asyncio.Task[None] | None = None
         # Counted among the forwarder's pending handshakes until it registers an id.
         self.pending = True
+        self.ip_slot = False  # counted in the forwarder's connections per address
 
     def handshake_over(self) -> None:
         if self.pending:
             self.pending = False
-            self.forwarder._handshake_done()
+            self.forwarder._handshake_done(self.peer[0])
 
     def __repr__(self) -> str:
         return f"<server link {self.peer[0]}:{self.peer[1]} ids={sorted(self.ids)}>"
@@ -302,6 +332,7 @@ class _Handshake(asyncio.Protocol):
         self.busy = False  # a request is being served
         self.eof = False  # the client half-closed while its request was served
         self.hello_reply = b""  # held back to go out with the client's reply
+        self.ip_slot = False  # counted in the forwarder's connections per address
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -322,9 +353,31 @@ class _Handshake(asyncio.Protocol):
             self.transport.write(encode_hello_reply(HelloStatus.BUSY, 0, bytes(NONCE_SIZE)))
             transport.close()
             return
+        ip = self.peer[0]
+        if not fwd._ip_connections.acquire(ip):
+            self._refuse_ip(HelloStatus.IP_CONNECTIONS, "ip_connections_full", f"{fwd.limits.max_connections_per_ip} connections open from it")
+            return
+        self.ip_slot = True
+        if not fwd._ip_handshakes.acquire(ip):
+            self._refuse_ip(HelloStatus.IP_HANDSHAKES, "ip_handshakes_full", f"{fwd.limits.max_handshakes_per_ip} handshakes pending from it")
+            return
         fwd._pending_handshakes += 1
         self.pending = True
         self.timer = asyncio.get_running_loop().call_later(fwd.limits.handshake_timeout, self._timed_out)
+
+    def _refuse_ip(self, status: int, reason: str, why: str) -> None:
+        """Refuse a connection at a per-address limit: the hello reply says which."""
+        assert self.transport is not None
+        self.fwd.counters.refuse(reason)
+        log.warning("refusing %s:%d: %s", *self.peer, why)
+        self.transport.write(encode_hello_reply(status, 0, bytes(NONCE_SIZE)))
+        self.transport.close()
+
+    def release_ip_slot(self) -> None:
+        """The connection is over (or counted elsewhere): uncount it for its address."""
+        if self.ip_slot:
+            self.ip_slot = False
+            self.fwd._ip_connections.release(self.peer[0])
 
     def _timed_out(self) -> None:
         self.timer = None
@@ -345,7 +398,7 @@ class _Handshake(asyncio.Protocol):
             self.timer = None
         if self.pending:
             self.pending = False
-            self.fwd._handshake_done()
+            self.fwd._handshake_done(self.peer[0])
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -374,6 +427,7 @@ class _Handshake(asyncio.Protocol):
                 return
             if hello.role == ROLE_REGISTRY and self.fwd.registry_service is not None:
                 self._finish()
+                self.release_ip_slot()  # the registry counts its connections per address itself
                 self.busy = True
                 self.fwd.registry_service.serve_connection(self.transport, rest, self.peer)
                 return
@@ -420,8 +474,10 @@ class _Handshake(asyncio.Protocol):
         )
         link = _ServerLink(fwd, session, self.nonce, self.peer)
         # The pending handshake passes to the link, which releases it once
-        # the server registers an id (or fails to in time).
+        # the server registers an id (or fails to in time); so does the
+        # connection's count for its address, released when the link ends.
         self.pending = False
+        link.ip_slot, self.ip_slot = self.ip_slot, False
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -444,6 +500,7 @@ class _Handshake(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self._finish()
+        self.release_ip_slot()
 
 
 class Forwarder:
@@ -483,6 +540,10 @@ class Forwarder:
         self._splices: set[Splice] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pending_handshakes = 0
+        self._ip_connections = AddressCounts(self.limits.max_connections_per_ip)
+        self._ip_handshakes = AddressCounts(self.limits.max_handshakes_per_ip)
+        # Per server id, when a byte rate limit or byte cap is set.
+        self._quotas: dict[str, ServerQuota] = {}
         self._closing = False
         # Discovery: the registry service this forwarder hosts on its own
         # port (the embedded default), and where it advertises itself.
@@ -683,6 +744,8 @@ class Forwarder:
             "bytes_client_to_server": c.bytes_client_to_server,
             "bytes_server_to_client": c.bytes_server_to_client,
             "pending_handshakes": self._pending_handshakes,
+            "connections": self._ip_connections.total,
+            "addresses": len(self._ip_connections),
             "refusals": dict(c.refusals),
             "per_server": per_server,
             "per_server_omitted": len(self._servers) - len(per_server),
@@ -700,8 +763,9 @@ class Forwarder:
         log.warning("closing connection from %s:%s: %s", peer[0], peer[1], reason)
         self.counters.refuse(counter)
 
-    def _handshake_done(self) -> None:
+    def _handshake_done(self, ip: str) -> None:
         self._pending_handshakes -= 1
+        self._ip_handshakes.release(ip)
 
     def _server_connected(self, link: _ServerLink) -> None:
         self._links.add(link)
@@ -710,6 +774,9 @@ class Forwarder:
 
     def _server_gone(self, link: _ServerLink) -> None:
         link.handshake_over()
+        if link.ip_slot:
+            link.ip_slot = False
+            self._ip_connections.release(link.peer[0])
         for server_id in list(link.ids):
             self._deregister(link, server_id)
         if link in self._links:
@@ -740,6 +807,8 @@ class Forwarder:
             link.ids[server_id] = set()
             self.counters.server(server_id)
             self._list_server(server_id, listed=True)
+            if self.limits.server_byte_rate is not None or self.limits.server_byte_cap is not None:
+                self._quotas[server_id] = ServerQuota(server_id, self.limits.server_byte_rate, self.limits.server_byte_cap)
             self._advertisement_changed()
             log.info("registered %r from %s:%d", server_id, link.peer[0], link.peer[1])
         return Status.OK, None
@@ -750,6 +819,9 @@ class Forwarder:
             del self._servers[server_id]
             self.counters.per_server.pop(server_id, None)
             self._list_server(server_id, listed=False)
+            quota = self._quotas.pop(server_id, None)
+            if quota is not None:
+                quota.close()
             self._advertisement_changed()
             log.info("deregistered %r", server_id)
 
@@ -778,6 +850,7 @@ class Forwarder:
             transport.abort()
         finally:
             hs._finish()
+            hs.release_ip_slot()  # served (and, for client_init, relayed until the end)
             if not keep and not transport.is_closing():
                 transport.close()
 
@@ -799,6 +872,12 @@ class Forwarder:
             return answer(Status.FAILED, "no_port", f"{server_id!r} does not listen on port {port}")
         if link.clients[server_id] >= self.limits.max_clients_per_server:
             return answer(Status.BSY_SERVER, "busy", f"{server_id!r} has its maximum of {self.limits.max_clients_per_server} clients")
+        quota = self._quotas.get(server_id)
+        if quota is not None and quota.exhausted:
+            return answer(
+                Status.BSY_SERVER, "server_byte_cap",
+                f"limit server_byte_cap: {server_id!r} has relayed its cap of {quota.cap} bytes",
+            )
         if hs.lost or transport.is_closing():
             return False  # the client left while we looked
         open_request = encode_request(0, "open", {"server": server_id, "port": port, "client": [hs.peer[0], hs.peer[1]]})
@@ -807,6 +886,11 @@ class Forwarder:
         try:
             try:
                 stream = link.session.open_transport()
+            except StreamLimitError as exc:
+                return answer(
+                    Status.BSY_SERVER, "session_streams_full",
+                    f"limit max_streams_per_session: the session of {server_id!r} has its maximum of streams ({exc})",
+                )
             except (ConnectionError, MuxError) as exc:
                 return answer(Status.FAILED, "server_gone", f"the server's session is gone ({exc})")
             opener = FirstMessage(self.limits.max_message_size)
@@ -842,15 +926,19 @@ class Forwarder:
                 eof_b=opener.eof,
                 error_b=opener.error,
                 on_bytes=lambda direction, n: self._count_bytes(server_id, direction, n),
+                meter=quota,
             )
             hs.buffer.clear()
-            transport.resume_reading()
-            stream.resume_reading()
+            splice.resume_reading()
             self._splices.add(splice)
+            if quota is not None:
+                quota.add(splice)
             hs._finish()
             try:
                 await splice.done
             finally:
+                if quota is not None:
+                    quota.discard(splice)
                 self._splices.discard(splice)
                 self.counters.clients_active -= 1
                 per["clients_active"] -= 1

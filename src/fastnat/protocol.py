@@ -31,7 +31,7 @@ import json
 import math
 import re
 import struct
-from typing import Any
+from typing import Any, ClassVar
 
 from fastnat.discovery.base import validate_key, validate_max_values, validate_ttl, validate_value
 from fastnat.errors import (
@@ -125,14 +125,27 @@ _ZONE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 
 
 class HelloStatus:
-    """Status byte of the forwarder's hello reply."""
+    """Status byte of the forwarder's hello reply.
+
+    Values are never reused: a new refusal gets a new value. The ``IP_*``
+    refusals name a per-address limit (the role is not known yet when they
+    are sent, so they cannot be a reply status).
+    """
 
     OK = 0
     VERSION_UNSUPPORTED = 1
     BAD_ROLE = 2
-    BUSY = 3
+    BUSY = 3  # the forwarder's max_pending_handshakes, or a registry's max_connections
+    IP_CONNECTIONS = 4  # max_connections_per_ip: too many connections from this address
+    IP_HANDSHAKES = 5  # max_handshakes_per_ip: too many pending handshakes from this address
 
-    NAMES = {0: "OK", 1: "VERSION_UNSUPPORTED", 2: "BAD_ROLE", 3: "BUSY"}
+    NAMES = {0: "OK", 1: "VERSION_UNSUPPORTED", 2: "BAD_ROLE", 3: "BUSY", 4: "IP_CONNECTIONS", 5: "IP_HANDSHAKES"}
+    # What each refusal at a limit means, for error messages: the limit's name first.
+    LIMITS: ClassVar[dict[int, str]] = {
+        BUSY: "max_pending_handshakes: too many connections are in their handshake",
+        IP_CONNECTIONS: "max_connections_per_ip: too many connections from this address",
+        IP_HANDSHAKES: "max_handshakes_per_ip: too many pending handshakes from this address",
+    }
 
 
 class Status:
@@ -651,6 +664,7 @@ def hello_error(reply: HelloReply, where: str) -> NATLayerError | None:
             f"{where}: the forwarder speaks protocol versions {list(reply.versions)}, "
             f"this fastnat speaks {list(SUPPORTED_VERSIONS)}"
         )
-    if reply.status == HelloStatus.BUSY:
-        return ForwarderBusyError(f"{where}: the forwarder is busy (too many pending connections)")
+    limit = HelloStatus.LIMITS.get(reply.status)
+    if limit is not None:
+        return ForwarderBusyError(f"{where}: the forwarder refused the connection at its limit {limit}")
     return ControlProtocolError(f"{where}: the forwarder refused the hello ({reply.status_name})")

@@ -19,11 +19,11 @@ import logging
 import socket
 import struct
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from fastnat._buffers import ReadBuffer, loop_read_buffer
 
-__all__ = ["Relays", "Splice", "SPLICE_READ_BUFFER"]
+__all__ = ["Meter", "Relays", "Splice", "SPLICE_READ_BUFFER"]
 
 log = logging.getLogger("fastnat.splice")
 
@@ -31,6 +31,18 @@ log = logging.getLogger("fastnat.splice")
 # the other side in one write (a stream takes it as 64 KiB frames).
 SPLICE_READ_BUFFER = 256 * 1024
 
+
+class Meter(Protocol):
+    """What a splice asks before and tells after relaying bytes (the
+    forwarder's per-server byte rate limit and byte cap)."""
+
+    def allowance(self, n: int) -> int:
+        """How many of ``n`` bytes just read may be relayed (the rest are not)."""
+        ...
+
+    def spent(self, end: _End, n: int) -> None:
+        """``n`` bytes read on ``end`` were relayed; the meter may ``end.hold(True)``."""
+        ...
 
 
 def _abort_with_reset(transport: asyncio.BaseTransport) -> None:
@@ -63,6 +75,10 @@ class _End(asyncio.BufferedProtocol):
         self.lost = False
         self.lost_reported = False
         self.bytes_in = 0
+        # Reading this side is paused while the other side's write buffer is
+        # full (backpressure) or while a meter holds it (a rate limit).
+        self.backpressured = False
+        self.held = False
 
     # reading this side
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -79,6 +95,13 @@ class _End(asyncio.BufferedProtocol):
     def _forward(self, data: Any) -> None:
         other = self.other
         assert other is not None and other.transport is not None
+        meter = self.splice.meter
+        if meter is not None:
+            allowed = meter.allowance(len(data))
+            if allowed < len(data):
+                data = data[:allowed]  # a cap: the rest is not relayed
+                if not allowed:
+                    return
         self.bytes_in += len(data)
         if not other.lost:
             transport = other.transport
@@ -87,6 +110,23 @@ class _End(asyncio.BufferedProtocol):
             if flush is not None:
                 flush()  # a stream: out now, not at the end of the loop iteration
         self.splice._count(self.name, len(data))
+        if meter is not None:
+            meter.spent(self, len(data))
+
+    def hold(self, held: bool) -> None:
+        """Stop (True) or resume (False) reading this side for a meter;
+        backpressure still applies either way."""
+        self.held = held
+        self.update_reading()
+
+    def update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or self.lost:
+            return
+        if self.held or self.backpressured:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -103,13 +143,15 @@ class _End(asyncio.BufferedProtocol):
     # writing this side: backpressure onto the other side's reading
     def pause_writing(self) -> None:
         other = self.other
-        if other is not None and other.transport is not None and not other.lost:
-            other.transport.pause_reading()
+        if other is not None:
+            other.backpressured = True
+            other.update_reading()
 
     def resume_writing(self) -> None:
         other = self.other
-        if other is not None and other.transport is not None and not other.lost:
-            other.transport.resume_reading()
+        if other is not None:
+            other.backpressured = False
+            other.update_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.lost_reported:
@@ -134,7 +176,8 @@ class Splice:
     that side already sent its FIN. A transport that is already closing is
     treated as lost, with ``error_a``/``error_b`` (what closed it, as its
     previous protocol saw; None: cleanly) as the cause: a reset stays a reset. ``on_bytes(direction, n)``
-    counts traffic (``"a>b"`` / ``"b>a"``); ``done`` resolves when both
+    counts traffic (``"a>b"`` / ``"b>a"``); ``meter`` (a :class:`Meter`)
+    may hold back reading or cut relaying short; ``done`` resolves when both
     transports are lost, with the first error seen or None.
     """
 
@@ -150,10 +193,12 @@ class Splice:
         error_a: Exception | None = None,
         error_b: Exception | None = None,
         on_bytes: Callable[[str, int], None] | None = None,
+        meter: Meter | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
         self.done: asyncio.Future[BaseException | None] = loop.create_future()
         self._on_bytes = on_bytes
+        self.meter = meter
         self._error: BaseException | None = None
         self.end_a = _End(self, "a>b")
         self.end_b = _End(self, "b>a")
@@ -181,6 +226,17 @@ class Splice:
     @property
     def bytes_b_to_a(self) -> int:
         return self.end_b.bytes_in
+
+    def resume_reading(self) -> None:
+        """Read both sides (unless backpressure or a meter holds one back)."""
+        for end in (self.end_a, self.end_b):
+            end.update_reading()
+
+    def finish(self) -> None:
+        """Close both sides gracefully: what was relayed is delivered, then a FIN."""
+        for end in (self.end_a, self.end_b):
+            if end.transport is not None and not end.lost:
+                end.transport.close()
 
     def close(self) -> None:
         """Abort both sides."""

@@ -135,6 +135,9 @@ def test_registry_limits_are_checked() -> None:
         ("handshake_timeout", 0),
         ("idle_timeout", float("inf")),
         ("max_message_size", MAX_MESSAGE_SIZE + 1),
+        ("max_connections_per_ip", 0),
+        ("max_connections_per_ip", 2.5),
+        ("max_requests_per_ip_per_second", float("nan")),
     ]:
         with pytest.raises(ValueError, match=field):
             RegistryLimits(**{field: value})
@@ -346,28 +349,76 @@ def test_full_answers_and_keeps_the_connection() -> None:
     serve(body, max_keys=1, max_values_per_key=1)
 
 
-def test_connection_cap(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize(
+    "limits, status, error, counter",
+    [
+        ({"max_connections": 3}, HelloStatus.BUSY, r"connection limit \(max_connections\)", "connections_full"),
+        (
+            {"max_connections": 10, "max_connections_per_ip": 3},
+            HelloStatus.IP_CONNECTIONS,
+            "connection limit for this address",
+            "ip_connections_full",
+        ),
+    ],
+    ids=["total", "per-address"],
+)
+def test_connection_cap(
+    limits: dict[str, int], status: int, error: str, counter: str, caplog: pytest.LogCaptureFixture
+) -> None:
     async def body(server: RegistryServer) -> None:
+        service = server.service
         conns = [await RawConnection.open(server.port) for _ in range(3)]
         for conn in conns:
             assert (await conn.hello_reply()).status == HelloStatus.OK
         extra = await RawConnection.open(server.port)
-        assert (await extra.hello_reply()).status == HelloStatus.BUSY
+        assert (await extra.hello_reply()).status == status
         assert await extra.closed_by_peer()
         await extra.close()
         reg = ServiceRegistry(server.url)
-        with pytest.raises(RegistryUnavailableError, match="connection limit"):
+        with pytest.raises(RegistryUnavailableError, match=error):
             await reg.lookup("k")
+        assert service.counters[f"dropped_{counter}"] == 2
         assert len(warnings(caplog)) == 2 and all("connections open" in w for w in warnings(caplog))
         await conns[0].close()
-        await eventually(lambda: server.service.connection_count == 2, 2, "a connection to go")
+        await eventually(lambda: service.connection_count == 2, 2, "a connection to go")
         await reg.announce("k", "v", 30)
         assert await reg.lookup("k") == ["v"]
         await reg.close()
         for conn in conns[1:]:
             await conn.close()
+        # nothing stays counted for the address once its connections are gone
+        await eventually(lambda: service.connection_count == 0, 2, "the connections to go")
+        assert service._ip_connections.total == 0 and len(service._ip_connections) == 0
+        assert service._ip_requests == {} and service.stats()["addresses"] == 0
 
-    serve(body, max_connections=3)
+    serve(body, **limits)
+
+
+def test_request_rate_per_address_delays_and_answers_every_request() -> None:
+    rate = 40
+
+    async def body(server: RegistryServer) -> None:
+        loop = asyncio.get_running_loop()
+        conns = [await RawConnection.open(server.port) for _ in range(2)]
+        for conn in conns:
+            assert (await conn.hello_reply()).status == HelloStatus.OK
+        started = loop.time()
+        # 100 requests over two connections from one address: the bucket holds
+        # 40 (one second's worth), the other 60 wait for 40 per second.
+        for i in range(1, 51):
+            for conn in conns:
+                conn.send({"id": i, "request": "announce", "value": {"key": "k", "value": f"v{i}", "ttl": 30}})
+        for conn in conns:
+            for i in range(1, 51):
+                assert await conn.reply() == {"id": i, "status": "OK", "value": None}
+        elapsed = loop.time() - started
+        assert elapsed > (100 - rate) / rate * 0.8, f"100 requests at {rate}/s answered in {elapsed:.2f} s"
+        assert server.service.counters["throttled_requests"] >= 1
+        assert server.service.counters["announce"] == 100
+        for conn in conns:
+            await conn.close()
+
+    serve(body, max_requests_per_ip_per_second=rate)
 
 
 def test_lookup_reply_fits_the_message_cap() -> None:

@@ -61,6 +61,7 @@ from fastnat.discovery.base import (
 )
 from fastnat.discovery.store import DEFAULT_MAX_KEYS, DEFAULT_MAX_VALUES_PER_KEY, StoreFull, TTLStore
 from fastnat.errors import AuthenticationError, ControlProtocolError, RegistryUnavailableError
+from fastnat.ratelimit import AddressCounts, TokenBucket
 from fastnat.protocol import (
     HELLO_SIZE,
     MAGIC,
@@ -122,6 +123,17 @@ class RegistryLimits:
     idle_timeout: float = 300.0
     # Requests are capped at this size (at most the protocol's cap).
     max_message_size: int = MAX_MESSAGE_SIZE
+    # Open connections from one IP address. A client keeps one connection and
+    # a host runs a few fastnat processes; 256 lets a NAT gateway's users
+    # share an address while one address cannot take all max_connections.
+    max_connections_per_ip: int = 256
+    # Requests per second from one IP address, all its connections together
+    # (a bucket of one second's worth, kept while the address has a
+    # connection). The NAT layer makes a request or two per server per
+    # minute; 1,000/s serves a busy host, while one address cannot keep the
+    # service busy (a lookup may cost a 64 KiB reply). Past it, the
+    # requests wait: reading pauses, nothing is refused.
+    max_requests_per_ip_per_second: float = 1_000.0
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -171,8 +183,12 @@ class _RegistryConnection(asyncio.Protocol):
         self.nonce = secrets.token_bytes(NONCE_SIZE)
         self.timer: asyncio.TimerHandle | None = None
         self.counted = False
+        self.ip_counted = False  # counted in the service's connections per address
         self.closed = False
         self.write_paused = False
+        # A request read and held back by the per-address request rate.
+        self.next_message: Any = None
+        self.throttle_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -192,6 +208,14 @@ class _RegistryConnection(asyncio.Protocol):
             transport.write(encode_hello_reply(HelloStatus.BUSY, 0, bytes(NONCE_SIZE)))
             self._drop(f"{len(service._connections)} connections open (the cap)", "connections_full")
             return
+        if not service._ip_acquire(self.peer[0]):
+            transport.write(encode_hello_reply(HelloStatus.IP_CONNECTIONS, 0, bytes(NONCE_SIZE)))
+            self._drop(
+                f"{service.limits.max_connections_per_ip} connections open from {self.peer[0]} (max_connections_per_ip)",
+                "ip_connections_full",
+            )
+            return
+        self.ip_counted = True
         service._connections.add(self)
         service.counters["connections_total"] += 1
         self.counted = True
@@ -260,6 +284,12 @@ class _RegistryConnection(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.throttle_timer is not None:
+            self.throttle_timer.cancel()
+            self.throttle_timer = None
+        if self.ip_counted:
+            self.ip_counted = False
+            self.service._ip_release(self.peer[0])
         if self.counted:
             self.counted = False
             self.service._connections.discard(self)
@@ -278,13 +308,31 @@ class _RegistryConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self._resume()
+
+    def _resume(self) -> None:
+        """Read and answer again, unless the peer's reading or the request
+        rate still holds us back."""
         if self.transport is None or self.transport.is_closing() or self.closed:
+            return
+        if self.write_paused or self.throttle_timer is not None:
             return
         self.transport.resume_reading()
         try:
             self._process()
         except ControlProtocolError as exc:
             self._bad_request(str(exc), 0)
+
+    def _throttle(self, wait: float) -> None:
+        """Past the per-address request rate: read nothing, answer nothing for ``wait`` s."""
+        assert self.transport is not None
+        self.service.counters["throttled_requests"] += 1
+        self.transport.pause_reading()
+        self.throttle_timer = asyncio.get_running_loop().call_later(wait, self._unthrottle)
+
+    def _unthrottle(self) -> None:
+        self.throttle_timer = None
+        self._resume()
 
     def eof_received(self) -> bool:
         return False  # the peer is done: close our side too
@@ -331,11 +379,18 @@ class _RegistryConnection(asyncio.Protocol):
         """Answer the buffered requests, one at a time (so that the requests
         before a bad one are answered before the connection is dropped),
         while the peer reads the answers."""
-        while not self.closed and not self.write_paused:
-            messages = self.reader.feed(b"", limit=1)
-            if not messages:
+        while not self.closed and not self.write_paused and self.throttle_timer is None:
+            if self.next_message is None:
+                messages = self.reader.feed(b"", limit=1)
+                if not messages:
+                    return
+                self.next_message = messages[0]
+            wait = self.service._request_wait(self.peer[0])
+            if wait > 0:
+                self._throttle(wait)
                 return
-            self._handle(messages[0])
+            message, self.next_message = self.next_message, None
+            self._handle(message)
 
     def _handle(self, message: Any) -> None:
         assert self.transport is not None
@@ -418,6 +473,9 @@ class RegistryService:
         self.store = store
         self.counters: collections.Counter[str] = collections.Counter()
         self._connections: set[_RegistryConnection] = set()
+        self._ip_connections = AddressCounts(self.limits.max_connections_per_ip)
+        # The request-rate bucket of each address that has a connection.
+        self._ip_requests: dict[str, TokenBucket] = {}
         self._closing = False
 
     def secret_for(self, key: str) -> bytes | None:
@@ -437,6 +495,30 @@ class RegistryService:
         return secret is not None and check_registry_write_proof(
             secret, nonce, request, value["key"], value["value"], value.get("proof")
         )
+
+    def _ip_acquire(self, ip: str) -> bool:
+        if not self._ip_connections.acquire(ip):
+            return False
+        if ip not in self._ip_requests:
+            rate = self.limits.max_requests_per_ip_per_second
+            self._ip_requests[ip] = TokenBucket(rate, rate, asyncio.get_running_loop().time())
+        return True
+
+    def _ip_release(self, ip: str) -> None:
+        self._ip_connections.release(ip)
+        if not self._ip_connections.count(ip):
+            del self._ip_requests[ip]
+
+    def _request_wait(self, ip: str) -> float:
+        """0 if ``ip`` may make a request now (and it is counted), else the
+        seconds until it may."""
+        bucket = self._ip_requests.get(ip)
+        if bucket is None:
+            return 0.0
+        now = asyncio.get_running_loop().time()
+        if bucket.try_take(1, now):
+            return 0.0
+        return max(bucket.wait(now, 1), 0.001)
 
     @property
     def connection_count(self) -> int:
@@ -473,6 +555,7 @@ class RegistryService:
             "keys": len(self.store),
             "values": self.store.value_count,
             "connections": len(self._connections),
+            "addresses": len(self._ip_connections),
             "counters": dict(self.counters),
         }
 
@@ -840,7 +923,11 @@ class ServiceRegistry(Registry):
             raise ControlProtocolError(f"{self.where}: not a fastnat registry ({exc})") from None
         assert hello is not None
         if hello.status == HelloStatus.BUSY:
-            raise RegistryUnavailableError(f"{self.where}: the registry is at its connection limit")
+            raise RegistryUnavailableError(f"{self.where}: the registry is at its connection limit (max_connections)")
+        if hello.status == HelloStatus.IP_CONNECTIONS:
+            raise RegistryUnavailableError(
+                f"{self.where}: the registry is at its connection limit for this address (max_connections_per_ip)"
+            )
         error = hello_error(hello, self.where)
         if error is not None:
             raise error
