@@ -298,7 +298,18 @@ def test_clients_that_vanish_before_the_reply(nat_engine: str, forwarders, serve
             f"the vanished clients' streams to close (server session holds {session.stream_count} streams, "
             "the control stream being one)",
         )
-        assert echo_through(fwd.port, "vanish", 80, b"still fine") == b"still fine"
+        # The forwarder may still be serving the last vanished clients (the
+        # check above can pass before it has read them all): a slot they hold
+        # is freed within moments, a leaked one never.
+        deadline = time.monotonic() + 3
+        while True:
+            try:
+                assert echo_through(fwd.port, "vanish", 80, b"still fine") == b"still fine"
+                break
+            except fastnat.errors.ServerBusyError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
         time.sleep(0.2)
         log = fwd.log()
         assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
