@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 from fastnat.aio._loop import run
 from fastnat.errors import NATLayerError
 from fastnat.discovery.service import RegistryLimits
-from fastnat.forwarder import Forwarder, ForwarderLimits, load_secrets
+from fastnat.forwarder import STATS_DETAIL_POLICIES, Forwarder, ForwarderLimits, load_secrets
 from fastnat.mux_config import MuxConfig
 from fastnat.settings import REGISTRY_ENV
 
@@ -173,6 +173,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="address servers and clients reach this forwarder at, HOST or HOST:PORT ($FASTNAT_ADVERTISE; "
                    "default: the listening address, or this host's address on its default route)")
     p.add_argument("--no-embedded-registry", action="store_true", help="do not host the built-in registry service")
+    p.add_argument("--stats-detail", choices=STATS_DETAIL_POLICIES, default="local",
+                   help="who sees the per-server part of 'fastnat status' (ids, ports, server addresses): "
+                   "callers on this host (local, the default), all, or none")
 
     p = sub.add_parser("registry", help="run the built-in registry service alone")
     p.add_argument("--host", default=_env("FASTNAT_HOST", "0.0.0.0"), help="address to listen on ($FASTNAT_HOST, default 0.0.0.0)")
@@ -273,6 +276,7 @@ async def _forwarder(args: argparse.Namespace) -> int:
     forwarder = Forwarder(
         args.host, args.port, limits=limits, secret=args.secret, secrets=secrets,
         registry=args.registry, advertise=args.advertise, host_registry=not args.no_embedded_registry,
+        stats_detail=args.stats_detail,
         mux_config=MuxConfig(max_streams=args.max_streams_per_session),
     )
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import ipaddress
 import logging
 import os
 import secrets as _secrets
@@ -73,6 +74,26 @@ _ECHO_PROBE_SIZE = 16
 # busiest first): an entry is about 250 bytes and a reply must fit in one
 # 64 KiB control message.
 STATS_MAX_SERVERS = 100
+# Who sees ``stats``' per-server part (ids, ports, and each server's public
+# address, which is where its NAT is): "local", callers on a loopback address
+# (the operator, on the forwarder's host); "all"; or "none". Totals are
+# anyone's: they say how busy the forwarder is, and nothing about whom.
+STATS_DETAIL_POLICIES = ("local", "all", "none")
+
+
+def stats_detail_allowed(policy: str, ip: str) -> bool:
+    """Whether a ``stats`` caller at ``ip`` sees the per-server part under ``policy``."""
+    if policy == "all":
+        return True
+    if policy != "local":
+        return False
+    try:
+        address = ipaddress.ip_address(ip.partition("%")[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -311,7 +332,7 @@ class _ServerLink:
         if name == "externaladdr":
             return Status.OK, {"ip": self.peer[0], "port": self.peer[1]}
         if name == "stats":
-            return Status.OK, fwd.stats()
+            return Status.OK, fwd.stats(detail=stats_detail_allowed(fwd.stats_detail, self.peer[0]))
         raise ControlProtocolError(f"request {name!r} is not for a server's control stream")
 
 
@@ -508,6 +529,8 @@ class Forwarder:
 
     ``secret`` (bytes) demands proof of it from every ``reg_serv``;
     ``secrets`` maps ids to their own secrets (see :func:`load_secrets`).
+    ``stats_detail`` says who sees the per-server part of ``stats`` (see
+    :data:`STATS_DETAIL_POLICIES`).
     """
 
     def __init__(
@@ -523,8 +546,12 @@ class Forwarder:
         registry: str | Registry | None = None,
         advertise: str | None = None,
         host_registry: bool = True,
+        stats_detail: str = "local",
         **session_options: Any,
     ) -> None:
+        if stats_detail not in STATS_DETAIL_POLICIES:
+            raise ValueError(f"stats_detail must be one of {', '.join(STATS_DETAIL_POLICIES)}, got {stats_detail!r}")
+        self.stats_detail = stats_detail
         self.host = host
         self.requested_port = port
         self.limits = limits or ForwarderLimits()
@@ -723,13 +750,14 @@ class Forwarder:
 
     # ---------------------------------------------------------------- stats
 
-    def stats(self) -> dict[str, Any]:
-        """Counters, as the ``stats`` request returns them."""
+    def stats(self, *, detail: bool = True) -> dict[str, Any]:
+        """Counters, as the ``stats`` request returns them; ``detail=False``
+        leaves out the per-server part (see :data:`STATS_DETAIL_POLICIES`)."""
         c = self.counters
         per_server = {}
         busiest = sorted(
             self._servers.items(), key=lambda item: (-c.server(item[0])["clients_active"], item[0])
-        )[:STATS_MAX_SERVERS]
+        )[:STATS_MAX_SERVERS] if detail else []
         for server_id, link in busiest:
             entry = dict(c.server(server_id))
             entry["ports"] = sorted(link.ids.get(server_id, ()))
@@ -841,7 +869,8 @@ class Forwarder:
                 hs.reply(encode_reply(request.id, Status.OK, {"reachable": reachable, "seen": hs.peer[0]}))
             elif name == "stats":
                 hs._finish()  # its handshake is over: the asker is not one of the pending
-                hs.reply(encode_reply(request.id, Status.OK, self.stats()))
+                detail = stats_detail_allowed(self.stats_detail, hs.peer[0])
+                hs.reply(encode_reply(request.id, Status.OK, self.stats(detail=detail)))
             else:
                 hs._close(f"request {name!r} is not for a client connection")
                 return

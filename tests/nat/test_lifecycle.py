@@ -241,3 +241,34 @@ def test_forwarder_bad_port_is_an_error_not_a_traceback() -> None:
     assert proc.returncode != 0
     assert b"Traceback" not in proc.stderr
     assert str(port).encode() in proc.stderr or b"in use" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("policy,shown", [("local", True), ("none", False), ("all", True)])
+def test_who_sees_the_per_server_stats(forwarders, policy: str, shown: bool) -> None:
+    """The per-server part of ``stats`` (ids, ports, the servers' public
+    addresses) goes to callers on the forwarder's host by default; totals go
+    to anyone."""
+    fwd = forwarders("--stats-detail", policy)
+    handle = fastnat.nat_waitforconn("private", 80, echo_handler, forwarderIP=LOOPBACK, forwarderPort=fwd.port)
+    try:
+        stats = raw_stats(fwd.port)
+        assert stats["servers"] == 1
+        if shown:
+            assert list(stats["per_server"]) == ["private"] and stats["per_server_omitted"] == 0
+        else:
+            assert stats["per_server"] == {} and stats["per_server_omitted"] == 1
+    finally:
+        fastnat.nat_stopcomm(handle)
+
+
+def test_the_stats_detail_policy() -> None:
+    from fastnat.forwarder import Forwarder, stats_detail_allowed
+
+    for ip in ("127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"):
+        assert stats_detail_allowed("local", ip), ip
+        assert not stats_detail_allowed("none", ip), ip
+    for ip in ("10.0.0.7", "203.0.113.9", "2001:db8::1", "::ffff:192.0.2.1", "fe80::1%eth0", "not an ip"):
+        assert not stats_detail_allowed("local", ip), ip
+        assert stats_detail_allowed("all", ip), ip
+    with pytest.raises(ValueError, match="stats_detail"):
+        Forwarder("127.0.0.1", 0, stats_detail="everyone")
