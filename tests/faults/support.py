@@ -88,9 +88,9 @@ def start_batch(api: str, server_id: str, transfers: list[Transfer], starts: lis
     return Batch(api, transfers, threads)
 
 
-def one_transfer(api: str, server_id: str, tag: str, size: int = 256 * 1024) -> Transfer:
-    """One transfer, run to its end (bounded)."""
-    transfer = Transfer(tag, size, size)
+def one_transfer(api: str, server_id: str, tag: str, upload: int = 256 * 1024, download: int | None = None) -> Transfer:
+    """One transfer (``download`` as large as ``upload`` by default), run to its end (bounded)."""
+    transfer = Transfer(tag, upload, upload if download is None else download)
     start_batch(api, server_id, [transfer], [0.0]).wait()
     return transfer
 

@@ -97,7 +97,7 @@ def test_sigstop_forwarder_mid_transfers(nat_engine: str, fleet, monkeypatch, ap
     the forwarder is plain TCP with nothing to notice a hang: it fails once
     the forwarder runs again and finds the server's session dead, with a
     reset (never a clean end of stream), within the same bound."""
-    url, forwarder, server = setup(fleet, monkeypatch, "frozen-fwd", api)
+    _url, forwarder, server = setup(fleet, monkeypatch, "frozen-fwd", api)
     transfers = make_transfers("s")
     batch = start_batch(api, "frozen-fwd", transfers, STARTS)
     time.sleep(FAULT_AT)

@@ -1,7 +1,7 @@
 """A NAT server in its own process, for the fleet tests.
 
     python server_proc.py --id ID [--port PORT] [--api seed|aio] [--handler echo|transfer]
-                          [--redundancy N] [--no-persist]
+                          [--redundancy N] [--no-persist] [--no-stdin]
 
 Registers ``ID`` port ``PORT`` with no forwarder named: forwarders come from
 the registry in ``FASTNAT_REGISTRY`` (read by fastnat itself). ``--api seed``
@@ -27,7 +27,8 @@ processes of one machine):
   (exit status 3);
 * ``{"event": "stopped"}`` after ``nat_stopcomm`` / ``close()``.
 
-SIGTERM (or stdin closing) stops it cleanly and it exits 0.
+SIGTERM (or stdin closing, unless ``--no-stdin``: for a process started
+without one) stops it cleanly and it exits 0.
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ def run_seed(args: argparse.Namespace) -> int:
         return 3
     seen = addresses(handle.registration)
     emit(event="ready", engine=mux.IMPLEMENTATION, forwarders=seen)
-    watch_stdin(stop.set)
+    if not args.no_stdin:
+        watch_stdin(stop.set)
     while not stop.wait(POLL):
         now = addresses(handle.registration)
         if now != seen:
@@ -139,7 +141,8 @@ async def run_aio(args: argparse.Namespace) -> int:
         return 3
     seen = addresses(server.registration)
     emit(event="ready", engine=mux.IMPLEMENTATION, forwarders=seen)
-    watch_stdin(lambda: loop.call_soon_threadsafe(stop.set))
+    if not args.no_stdin:
+        watch_stdin(lambda: loop.call_soon_threadsafe(stop.set))
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), POLL)
@@ -163,6 +166,7 @@ def main() -> int:
     parser.add_argument("--handler", choices=("echo", "transfer"), default="echo")
     parser.add_argument("--redundancy", type=int, default=1)
     parser.add_argument("--no-persist", action="store_true")
+    parser.add_argument("--no-stdin", action="store_true")
     args = parser.parse_args()
     options = json.loads(os.environ.get("FLEET_SETTINGS") or "{}")
     if options:
