@@ -474,6 +474,11 @@ class Forwarder:
         self.secrets = None if secrets is None else {k: (v.encode() if isinstance(v, str) else v) for k, v in secrets.items()}
         self.mux_config = mux_config
         self.ssl = ssl
+        # The keepalive of the servers' sessions: the process's settings (as
+        # on the server's end of the same session) unless given here.
+        settings = get_settings()
+        session_options.setdefault("keepalive_interval", settings.keepalive_interval)
+        session_options.setdefault("keepalive_timeout", settings.keepalive_timeout)
         self.session_options = session_options
         self.counters = _Counters()
         self._server: asyncio.Server | None = None
