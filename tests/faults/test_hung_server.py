@@ -4,6 +4,10 @@ died) while registered at a forwarder.
 * The forwarder's own keepalive, with the timings of its process's settings
   (``FASTNAT_KEEPALIVE_*`` / ``fastnat.configure``), drops the hung server's
   session and its id.
+* A new server claiming the id of a session that does not answer gets it at
+  once (the forwarder pings the holder, within its keepalive timeout, instead
+  of refusing the id until that session's next keepalive); a holder that
+  answers keeps its id.
 """
 
 from __future__ import annotations
@@ -47,3 +51,24 @@ def test_the_forwarder_drops_a_hung_server_after_its_keepalive(fleet, monkeypatc
     assert one_transfer("seed", "hung", "thawed").ok
     print(f"\ndropped {dropped:.2f} s after the freeze")
 
+
+def test_a_hung_holder_gives_its_id_to_a_new_server(fleet, monkeypatch) -> None:
+    # The forwarder's keepalive would notice the hung holder only after 30 s.
+    url, _forwarder = start(fleet, monkeypatch, {**FAULT, "keepalive_interval": 30.0})
+    holder = fleet.server("claimed", url, settings=FAULT)
+    os.kill(holder.pid, signal.SIGSTOP)
+    try:
+        claimed = time.monotonic()
+        newcomer = fleet.server("claimed", url, "--handler", "transfer", settings=FAULT, wait=False)
+        event = newcomer.wait_event(lambda e: e["event"] in ("ready", "error"), KEEPALIVE_TIMEOUT + MARGIN, "ready")
+        assert event["event"] == "ready", event
+        took = event["t"] - claimed
+        assert one_transfer("aio", "claimed", "newcomer").ok
+    finally:
+        os.kill(holder.pid, signal.SIGCONT)
+    # a holder that answers keeps its id
+    third = fleet.server("claimed", url, settings=FAULT, wait=False)
+    refused = third.wait_event(lambda e: e["event"] in ("ready", "error"), 10, "an answer")
+    assert refused["event"] == "error" and refused["type"] == "IdTakenError", refused
+    assert one_transfer("seed", "claimed", "still").ok
+    print(f"\nthe new server had the id {took:.2f} s after it asked")
