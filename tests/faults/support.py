@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from fleet.support import FAST, ServerProc, close_loop_registries
 from fleet.transfer import Transfer, run_async, run_blocking
 
@@ -37,6 +38,18 @@ CONNECT_TIMEOUT = 2.0
 # No transfer of a batch may run longer than this: past it, it hangs.
 HANG = 30.0
 SERVER_PORT = 80
+
+
+# Tests that need not run every engine with every API run each engine once,
+# each with one API (both engines and both APIs covered, in half the time).
+ENGINE_AND_API = pytest.mark.parametrize(
+    ("engine", "api"),
+    [
+        pytest.param("compiled", "seed", marks=pytest.mark.compiled, id="compiled-seed"),
+        pytest.param("python", "aio", id="python-aio"),
+    ],
+    indirect=["engine"],
+)
 
 
 @dataclasses.dataclass

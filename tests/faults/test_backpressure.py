@@ -16,8 +16,8 @@ from fleet.transfer import CHUNK, MODE_STALL, header
 
 import fastnat
 
-from .support import CONNECT_TIMEOUT, HANG, SERVER_PORT, one_transfer
-from .test_forwarder_faults import APIS, setup
+from .support import CONNECT_TIMEOUT, ENGINE_AND_API, HANG, SERVER_PORT, one_transfer
+from .test_forwarder_faults import setup
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.slow]
 
@@ -67,7 +67,7 @@ class Pusher(threading.Thread):
         raise AssertionError(f"the stalled connection took {self.pushed} bytes and kept going for {timeout} s")
 
 
-@pytest.mark.parametrize("api", APIS)
+@ENGINE_AND_API
 def test_a_handler_that_never_reads_slows_only_its_stream(nat_engine: str, fleet, monkeypatch, api: str) -> None:
     _url, _forwarder, server = setup(fleet, monkeypatch, "backpressure", api)
     start = time.monotonic()

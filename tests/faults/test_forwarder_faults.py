@@ -20,6 +20,7 @@ from fleet.support import forwarders_listed, wait_until
 from fleet.transfer import Transfer
 
 from .support import (
+    ENGINE_AND_API,
     FAULT,
     KEEPALIVE_INTERVAL,
     KEEPALIVE_TIMEOUT,
@@ -90,7 +91,7 @@ def test_sigkill_forwarder_mid_transfers(nat_engine: str, fleet, monkeypatch, ap
     print(f"\n[{nat_engine}/{api}] {summary}; registered again {linked['t'] - returned:.2f} s after the restart")
 
 
-@pytest.mark.parametrize("api", APIS)
+@ENGINE_AND_API
 def test_sigstop_forwarder_mid_transfers(nat_engine: str, fleet, monkeypatch, api: str) -> None:
     """A hung forwarder (its sockets stay open). The server's keepalive
     notices it; every server handler fails then. A client's connection to
