@@ -18,6 +18,7 @@ import time
 import pytest
 from fleet.support import forwarders_listed, wait_until
 from fleet.transfer import Transfer
+from nat.support import raw_stats
 
 from .support import (
     ENGINE_AND_API,
@@ -122,6 +123,7 @@ def test_sigstop_forwarder_mid_transfers(nat_engine: str, fleet, monkeypatch, ap
     assert summary["server_failed"], f"the freeze interrupted nothing: {summary}"
     # the forwarder, thawed, drops the dead session and takes the server's new one
     linked = wait_linked(server, lambda f: f == [[forwarder.host, forwarder.port]], lost["t"], BACK_WITHIN, "re-registered")
+    wait_until(lambda: raw_stats(forwarder.port)["sessions"] == 1, bound, "the dead session dropped")
     fresh = one_transfer(api, "frozen-fwd", "after")
     assert fresh.ok, fresh
     print(f"\n[{nat_engine}/{api}] {summary}; noticed {lost['t'] - stopped:.2f} s after the freeze, "

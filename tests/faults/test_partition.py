@@ -40,7 +40,7 @@ REGISTRY = f"fastnat://{PUBLIC}:{FWD_PORT}"
 SERVER_ID = "partitioned"
 FORWARDER_READY = re.compile(r"^fastnat forwarder listening on (\S+):(\d+)$")
 # How long the link stays down: past the server's keepalive, and long
-# enough for a reconnect or two to fail.
+# enough for a reconnect to fail.
 PARTITION = KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT + 0.5
 # The server is registered again within this many seconds of the link's
 # return (its reconnects are at most 1 s apart, with jitter).
