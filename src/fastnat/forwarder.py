@@ -296,6 +296,8 @@ class _ServerLink:
             if message is None:
                 return  # the server closed its control stream: it is leaving
             request = parse_request(message)
+            if request.request == "reg_serv":
+                await fwd._drop_dead_holder(request.value["server"], self)
             status, value = self._handle(request)
             control.write(encode_reply(request.id, status, value))
             await control.drain()
@@ -559,6 +561,11 @@ class Forwarder:
         self.secrets = None if secrets is None else {k: (v.encode() if isinstance(v, str) else v) for k, v in secrets.items()}
         self.mux_config = mux_config
         self.ssl = ssl
+        # The keepalive of the servers' sessions: the process's settings (as
+        # on the server's end of the same session) unless given here.
+        settings = get_settings()
+        session_options.setdefault("keepalive_interval", settings.keepalive_interval)
+        session_options.setdefault("keepalive_timeout", settings.keepalive_timeout)
         self.session_options = session_options
         self.counters = _Counters()
         self._server: asyncio.Server | None = None
@@ -809,6 +816,25 @@ class Forwarder:
             self._deregister(link, server_id)
         if link in self._links:
             self._links.discard(link)
+
+    async def _drop_dead_holder(self, server_id: str, claimant: _ServerLink) -> None:
+        """Before ``server_id`` is refused to ``claimant`` as taken, make sure
+        its holder is alive: a server whose host lost its connection (a crash
+        and a reboot behind a NAT, a partition that swallowed its goodbye)
+        comes back as a new session while the old one still looks open here,
+        and would be refused until the old one's next keepalive. The holder is
+        pinged (within its keepalive timeout); one that does not answer is
+        dropped now, and the id is free for the claimant."""
+        holder = self._servers.get(server_id)
+        if holder is None or holder is claimant:
+            return
+        try:
+            await holder.session.ping()
+        except (ConnectionError, TimeoutError) as exc:
+            log.warning("%r: its session from %s:%d does not answer (%s); dropped for the one from %s:%d",
+                        server_id, holder.peer[0], holder.peer[1], exc, claimant.peer[0], claimant.peer[1])
+            holder.session._die("ping", exc)
+            self._server_gone(holder)
 
     def _secret_for(self, server_id: str) -> bytes | None:
         if self.secrets is not None and server_id in self.secrets:

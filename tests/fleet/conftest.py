@@ -109,9 +109,9 @@ class Fleet:
         self.forwarders.append(proc)
         return proc
 
-    def registry(self) -> RegistryProc:
-        """``python -m fastnat registry``."""
-        proc = RegistryProc(child_env(self.engine, None), self._log("registry", len(self.registries)))
+    def registry(self, port: int = 0) -> RegistryProc:
+        """``python -m fastnat registry`` (on ``port``, else a free one)."""
+        proc = RegistryProc(child_env(self.engine, None), self._log("registry", len(self.registries)), port)
         self.registries.append(proc)
         return proc
 

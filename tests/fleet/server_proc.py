@@ -1,6 +1,7 @@
 """A NAT server in its own process, for the fleet tests.
 
-    python server_proc.py --id ID [--port PORT] [--api seed|aio] [--redundancy N] [--no-persist]
+    python server_proc.py --id ID [--port PORT] [--api seed|aio] [--handler echo|transfer]
+                          [--redundancy N] [--no-persist] [--no-stdin]
 
 Registers ``ID`` port ``PORT`` with no forwarder named: forwarders come from
 the registry in ``FASTNAT_REGISTRY`` (read by fastnat itself). ``--api seed``
@@ -11,7 +12,10 @@ fields applied with ``fastnat.configure`` (e.g. ``{"announce_ttl": 2,
 "announce_interval": 0.5, "keepalive_interval": 0.5, "keepalive_timeout":
 0.5, "reconnect_initial_delay": 0.2}``).
 
-Every connection is echoed until the client's end of stream. One JSON object
+Every connection is echoed until the client's end of stream; with
+``--handler transfer`` it runs the server side of a checked transfer
+(``transfer.py``), which reports ``{"event": "transfer", "tag": ..., "ok":
+...}`` (or ``"stalled"``) for each connection. One JSON object
 per line on stdout, each with ``t`` (``time.monotonic()``, comparable between
 processes of one machine):
 
@@ -23,7 +27,8 @@ processes of one machine):
   (exit status 3);
 * ``{"event": "stopped"}`` after ``nat_stopcomm`` / ``close()``.
 
-SIGTERM (or stdin closing) stops it cleanly and it exits 0.
+SIGTERM (or stdin closing, unless ``--no-stdin``: for a process started
+without one) stops it cleanly and it exits 0.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ import sys
 import threading
 import time
 from typing import Any
+
+import transfer
 
 import fastnat
 from fastnat import aio, mux
@@ -78,19 +85,25 @@ def watch_stdin(stop: Any) -> None:
     threading.Thread(target=run, daemon=True).start()
 
 
+def serve_transfer(remoteip: str, remoteport: int, sock: Any, thiscommhandle: object, listencommhandle: object) -> None:
+    transfer.serve_blocking(sock, emit)
+
+
 def run_seed(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    function = serve_transfer if args.handler == "transfer" else echo
     try:
         handle = fastnat.nat_waitforconn(
-            args.id, args.port, echo, errdel=errdel, persist=not args.no_persist, redundancy=args.redundancy
+            args.id, args.port, function, errdel=errdel, persist=not args.no_persist, redundancy=args.redundancy
         )
     except OSError as exc:
         emit(event="error", type=type(exc).__name__, message=str(exc))
         return 3
     seen = addresses(handle.registration)
     emit(event="ready", engine=mux.IMPLEMENTATION, forwarders=seen)
-    watch_stdin(stop.set)
+    if not args.no_stdin:
+        watch_stdin(stop.set)
     while not stop.wait(POLL):
         now = addresses(handle.registration)
         if now != seen:
@@ -107,6 +120,9 @@ async def run_aio(args: argparse.Namespace) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
 
     async def handle(reader: asyncio.StreamReader, writer: Any) -> None:
+        if args.handler == "transfer":
+            await transfer.serve_async(reader, writer, emit)
+            return
         try:
             while data := await reader.read(256 * 1024):
                 writer.write(data)
@@ -125,7 +141,8 @@ async def run_aio(args: argparse.Namespace) -> int:
         return 3
     seen = addresses(server.registration)
     emit(event="ready", engine=mux.IMPLEMENTATION, forwarders=seen)
-    watch_stdin(lambda: loop.call_soon_threadsafe(stop.set))
+    if not args.no_stdin:
+        watch_stdin(lambda: loop.call_soon_threadsafe(stop.set))
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), POLL)
@@ -146,8 +163,10 @@ def main() -> int:
     parser.add_argument("--id", required=True)
     parser.add_argument("--port", type=int, default=80)
     parser.add_argument("--api", choices=("seed", "aio"), default="seed")
+    parser.add_argument("--handler", choices=("echo", "transfer"), default="echo")
     parser.add_argument("--redundancy", type=int, default=1)
     parser.add_argument("--no-persist", action="store_true")
+    parser.add_argument("--no-stdin", action="store_true")
     args = parser.parse_args()
     options = json.loads(os.environ.get("FLEET_SETTINGS") or "{}")
     if options:

@@ -168,8 +168,9 @@ class RegistryProc(Child):
 
     name = "registry"
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        cmd = [sys.executable, "-m", "fastnat", "-v", "registry", "--host", LOOPBACK, "--port", "0"]
+    def __init__(self, env: dict[str, str], log_path: Path, port: int = 0) -> None:
+        # port: 0 for a free one; a given one to restart a registry where its clients look
+        cmd = [sys.executable, "-m", "fastnat", "-v", "registry", "--host", LOOPBACK, "--port", str(port)]
         super().__init__(cmd, env, log_path)
         try:
             line = self.first_line(20.0)
