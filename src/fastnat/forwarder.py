@@ -297,7 +297,7 @@ class _ServerLink:
                 return  # the server closed its control stream: it is leaving
             request = parse_request(message)
             if request.request == "reg_serv":
-                await fwd._drop_dead_holder(request.value["server"], self)
+                await fwd._drop_dead_holder(request.value["server"], self, request.value.get("proof"))
             status, value = self._handle(request)
             control.write(encode_reply(request.id, status, value))
             await control.drain()
@@ -817,7 +817,7 @@ class Forwarder:
         if link in self._links:
             self._links.discard(link)
 
-    async def _drop_dead_holder(self, server_id: str, claimant: _ServerLink) -> None:
+    async def _drop_dead_holder(self, server_id: str, claimant: _ServerLink, proof: Any) -> None:
         """Before ``server_id`` is refused to ``claimant`` as taken, make sure
         its holder is alive: a server whose host lost its connection (a crash
         and a reboot behind a NAT, a partition that swallowed its goodbye)
@@ -828,6 +828,8 @@ class Forwarder:
         holder = self._servers.get(server_id)
         if holder is None or holder is claimant:
             return
+        if self._proof_problem(claimant, server_id, proof) is not None:
+            return  # refused anyway: a claim without the secret costs the holder nothing
         try:
             await holder.session.ping()
         except (ConnectionError, TimeoutError) as exc:
@@ -841,14 +843,23 @@ class Forwarder:
             return self.secrets[server_id]
         return self.secret
 
+    def _proof_problem(self, link: _ServerLink, server_id: str, proof: Any) -> str | None:
+        """Why ``link`` may not register ``server_id`` with ``proof``, or None."""
+        if self.secret is None and self.secrets is None:
+            return None
+        secret = self._secret_for(server_id)
+        if secret is None:
+            return "no secret is known for this id"
+        if not check_registration_proof(secret, link.nonce, server_id, proof):
+            return "wrong or missing proof"
+        return None
+
     def _register(self, link: _ServerLink, server_id: str, proof: Any) -> tuple[str, Any]:
-        if self.secret is not None or self.secrets is not None:
-            secret = self._secret_for(server_id)
-            if secret is None or not check_registration_proof(secret, link.nonce, server_id, proof):
-                why = "no secret is known for this id" if secret is None else "wrong or missing proof"
-                log.warning("refused reg_serv %r from %s:%d: %s", server_id, link.peer[0], link.peer[1], why)
-                self.counters.refuse("auth_failed")
-                return Status.AUTH_FAILED, f"registration of {server_id!r} refused: {why}"
+        why = self._proof_problem(link, server_id, proof)
+        if why is not None:
+            log.warning("refused reg_serv %r from %s:%d: %s", server_id, link.peer[0], link.peer[1], why)
+            self.counters.refuse("auth_failed")
+            return Status.AUTH_FAILED, f"registration of {server_id!r} refused: {why}"
         holder = self._servers.get(server_id)
         if holder is not None and holder is not link:
             self.counters.refuse("id_taken")

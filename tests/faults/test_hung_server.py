@@ -72,3 +72,23 @@ def test_a_hung_holder_gives_its_id_to_a_new_server(fleet, monkeypatch) -> None:
     assert refused["event"] == "error" and refused["type"] == "IdTakenError", refused
     assert one_transfer("seed", "claimed", "still").ok
     print(f"\nthe new server had the id {took:.2f} s after it asked")
+
+
+def test_a_claim_without_the_secret_costs_a_hung_holder_nothing(fleet, monkeypatch) -> None:
+    """With a secret, only a claimant that proves it can take a hung holder's
+    id: a claim with a wrong secret is refused and leaves the holder alone."""
+    url = fleet.registry().url
+    forwarder = fleet.forwarder("--registry", url, "--secret", "hold-s3cret", settings={**FAULT, "keepalive_interval": 30.0})
+    wait_until(lambda: forwarder.advertisement in forwarders_listed(url), 5, "the forwarder advertised")
+    monkeypatch.setenv("FASTNAT_REGISTRY", url)
+    holder = fleet.server("guarded", url, "--handler", "transfer", settings={**FAULT, "secret": "hold-s3cret"})
+    before = raw_stats(forwarder.port)["per_server"]["guarded"]["address"]
+    os.kill(holder.pid, signal.SIGSTOP)
+    try:
+        intruder = fleet.server("guarded", url, settings={**FAULT, "secret": "wrong"}, wait=False)
+        refused = intruder.wait_event(lambda e: e["event"] in ("ready", "error"), KEEPALIVE_TIMEOUT + MARGIN, "an answer")
+        assert refused["event"] == "error" and refused["type"] == "AuthenticationError", refused
+        assert raw_stats(forwarder.port)["per_server"]["guarded"]["address"] == before
+    finally:
+        os.kill(holder.pid, signal.SIGCONT)
+    assert one_transfer("seed", "guarded", "still the holder's").ok
