@@ -96,6 +96,27 @@ def _add_nat_options(p: argparse.ArgumentParser) -> None:
         help="forwarder HOST:PORT to use (default: $FASTNAT_FORWARDERS, else a registry lookup)",
     )
     p.add_argument("--registry", default=_env("FASTNAT_REGISTRY"), help="registry URL (default: $FASTNAT_REGISTRY)")
+    p.add_argument("--tls-ca", metavar="FILE", default=_env("FASTNAT_TLS_CA"),
+                   help="connect to forwarders (and fastnats:// registries) with TLS, trusting the CA in FILE ($FASTNAT_TLS_CA)")
+    p.add_argument("--tls", action="store_true",
+                   help="connect to forwarders with TLS, trusting the system's CAs ($FASTNAT_TLS=1)")
+
+
+def _add_tls_server_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-cert", metavar="FILE", default=_env("FASTNAT_TLS_CERT"),
+                   help="serve TLS with this PEM certificate chain ($FASTNAT_TLS_CERT; needs --tls-key)")
+    p.add_argument("--tls-key", metavar="FILE", default=_env("FASTNAT_TLS_KEY"),
+                   help="the certificate's PEM private key ($FASTNAT_TLS_KEY)")
+
+
+def _server_tls(args: argparse.Namespace) -> Any:
+    """The server context of --tls-cert/--tls-key (both or neither), or None."""
+    from fastnat.tls import server_context
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        given, missing = ("--tls-cert", "--tls-key") if args.tls_cert else ("--tls-key", "--tls-cert")
+        raise _UserError(f"{given} needs {missing} too (TLS takes a certificate and its key)")
+    return server_context(args.tls_cert, args.tls_key) if args.tls_cert else None
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -128,12 +149,14 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="address servers and clients reach this forwarder at, HOST or HOST:PORT ($FASTNAT_ADVERTISE; "
                    "default: the listening address, or this host's address on its default route)")
     p.add_argument("--no-embedded-registry", action="store_true", help="do not host the built-in registry service")
+    _add_tls_server_options(p)
 
     p = sub.add_parser("registry", help="run the built-in registry service alone")
     p.add_argument("--host", default=_env("FASTNAT_HOST", "0.0.0.0"), help="address to listen on ($FASTNAT_HOST, default 0.0.0.0)")
     p.add_argument("--port", type=_port(allow_zero=True, env="FASTNAT_REGISTRY_PORT"),
                    default=_env("FASTNAT_REGISTRY_PORT", str(DEFAULT_REGISTRY_PORT)),
                    help=f"port ($FASTNAT_REGISTRY_PORT, default {DEFAULT_REGISTRY_PORT})")
+    _add_tls_server_options(p)
 
     p = sub.add_parser("expose", help="publish a local TCP service under ID, reachable through forwarders")
     p.add_argument("id", help="the server id to publish under")
@@ -214,7 +237,7 @@ async def _forwarder(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise _UserError(f"cannot read the secrets file: {exc}") from None
     forwarder = Forwarder(
-        args.host, args.port, limits=limits, secret=args.secret, secrets=secrets,
+        args.host, args.port, limits=limits, secret=args.secret, secrets=secrets, ssl=_server_tls(args),
         registry=args.registry, advertise=args.advertise, host_registry=not args.no_embedded_registry,
     )
 
@@ -228,7 +251,7 @@ async def _forwarder(args: argparse.Namespace) -> int:
 async def _registry(args: argparse.Namespace) -> int:
     from fastnat.discovery.service import RegistryServer
 
-    server = RegistryServer(args.host, args.port)
+    server = RegistryServer(args.host, args.port, ssl=_server_tls(args))
 
     async def stop() -> None:
         server.close()
@@ -246,6 +269,10 @@ def _configure_nat(args: argparse.Namespace) -> None:
         # this process's copy of it gives way to the flag.
         os.environ.pop(REGISTRY_ENV, None)
         fastnat.configure(registry=args.registry)
+    if getattr(args, "tls_ca", None):
+        fastnat.configure(tls=args.tls_ca)
+    elif getattr(args, "tls", False):
+        fastnat.configure(tls=True)
 
 
 async def _expose(args: argparse.Namespace) -> int:

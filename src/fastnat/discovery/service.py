@@ -46,6 +46,7 @@ import math
 import os
 import secrets
 import socket
+import ssl as ssl_module
 import urllib.parse
 from typing import Any
 
@@ -60,6 +61,7 @@ from fastnat.discovery.base import (
 )
 from fastnat.discovery.store import DEFAULT_MAX_KEYS, DEFAULT_MAX_VALUES_PER_KEY, StoreFull, TTLStore
 from fastnat.errors import ControlProtocolError, RegistryUnavailableError
+from fastnat.tls import client_tls, connect_failure, connect_options
 from fastnat.protocol import (
     HELLO_SIZE,
     MAGIC,
@@ -470,6 +472,8 @@ class RegistryServer:
             self.host,
             self.requested_port,
             ssl=self.ssl,
+            # The TLS handshake gets the time a hello gets.
+            ssl_handshake_timeout=self.service.limits.handshake_timeout if self.ssl is not None else None,
         )
         log.info("registry listening on %s", ", ".join(f"{a[0]}:{a[1]}" for a in self.addresses))
 
@@ -486,11 +490,12 @@ class RegistryServer:
 
     @property
     def url(self) -> str:
-        """``fastnat://host:port`` of the first address (after :meth:`start`)."""
+        """``fastnat://host:port`` (``fastnats://`` with TLS) of the first address (after :meth:`start`)."""
         host, port = self.addresses[0]
         if host in ("0.0.0.0", "::"):
             host = "127.0.0.1"
-        return f"fastnat://[{host}]:{port}" if ":" in host else f"fastnat://{host}:{port}"
+        scheme = "fastnats" if self.ssl is not None else "fastnat"
+        return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
     async def serve_forever(self) -> None:
         await self.start()
@@ -534,8 +539,8 @@ def _parse_url(url: str) -> tuple[str, int, float | None]:
     if not isinstance(url, str):
         raise ValueError(f"a registry URL must be a string, not {type(url).__name__}")
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme.lower() != "fastnat":
-        raise ValueError(f"not a fastnat:// registry URL: {url!r}")
+    if parts.scheme.lower() not in ("fastnat", "fastnats"):
+        raise ValueError(f"not a fastnat:// or fastnats:// registry URL: {url!r}")
     try:
         host, port = parts.hostname, parts.port
     except ValueError as exc:
@@ -557,20 +562,18 @@ def _parse_url(url: str) -> tuple[str, int, float | None]:
     return host, port, timeout
 
 
-def _describe(exc: BaseException) -> str:
-    """``Connection refused`` rather than asyncio's ``Connect call failed (...)``."""
-    errno = getattr(exc, "errno", None)
-    if isinstance(errno, int) and errno:
-        return os.strerror(errno)
-    return str(exc) or type(exc).__name__
-
-
 class _StaleConnection(Exception):
     """A reused connection failed before answering: worth one more try."""
 
 
 class ServiceRegistry(Registry):
     """Client of the registry service at ``fastnat://host:port[?timeout=seconds]``.
+
+    ``fastnats://host:port`` is the same over TLS: the service's certificate
+    is verified against ``ssl`` (an ``ssl.SSLContext``, a CA file path or
+    True for the system's CAs), by default the process's TLS setting
+    (:func:`fastnat.configure`\\ ``(tls=...)``, ``FASTNAT_TLS_CA``), else the
+    system's CAs. A ``fastnat://`` URL is always plain TCP.
 
     It keeps one connection open and sends requests on it one at a time (a
     lock serializes concurrent calls). A connection that was lost since its
@@ -587,7 +590,7 @@ class ServiceRegistry(Registry):
     from another loop drops the old connection and makes a new one).
     """
 
-    def __init__(self, url: str, *, timeout: float | None = None) -> None:
+    def __init__(self, url: str, *, timeout: float | None = None, ssl: Any = None) -> None:
         host, port, url_timeout = _parse_url(url)
         if timeout is None:
             timeout = url_timeout if url_timeout is not None else DEFAULT_TIMEOUT
@@ -598,7 +601,11 @@ class ServiceRegistry(Registry):
         self.port = port
         self.timeout = float(timeout)
         shown = f"[{host}]" if ":" in host else host
-        self.where = f"registry fastnat://{shown}:{port}"
+        scheme = urllib.parse.urlsplit(url).scheme.lower()
+        self.tls: ssl_module.SSLContext | None = None
+        if scheme == "fastnats":
+            self.tls = client_tls(ssl) or client_tls(True)
+        self.where = f"registry {scheme}://{shown}:{port}"
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -712,7 +719,7 @@ class ServiceRegistry(Registry):
             self._forget()
             if reused:
                 raise _StaleConnection(str(exc)) from None
-            raise RegistryUnavailableError(f"{self.where}: {_describe(exc)}") from None
+            raise RegistryUnavailableError(f"{self.where}: {connect_failure(exc, self.tls is not None)}") from None
         except BaseException:
             # Cancelled (or worse) mid-request: the reply may still come, so
             # the connection is out of step; drop it.
@@ -732,12 +739,13 @@ class ServiceRegistry(Registry):
     async def _connect(self) -> None:
         try:
             self._reader, self._writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port), self.timeout
+                asyncio.open_connection(self.host, self.port, **connect_options(self.tls, self.host, self.timeout)),
+                self.timeout,
             )
         except (TimeoutError, asyncio.TimeoutError):
             raise RegistryUnavailableError(f"{self.where}: no connection within {self.timeout:g} s") from None
         except OSError as exc:
-            raise RegistryUnavailableError(f"{self.where}: {_describe(exc)}") from None
+            raise RegistryUnavailableError(f"{self.where}: {connect_failure(exc, self.tls is not None)}") from None
 
     async def _read_reply(self, reader: asyncio.StreamReader, fresh: bool) -> Reply:
         if fresh:
@@ -747,8 +755,11 @@ class ServiceRegistry(Registry):
                 hello = parser.feed(head)
                 if hello is None:  # the versions the service speaks follow
                     hello = parser.feed(await reader.readexactly(head[-1]))
-            except asyncio.IncompleteReadError:
-                raise RegistryUnavailableError(f"{self.where}: the connection closed during the hello") from None
+            except (asyncio.IncompleteReadError, ConnectionResetError):
+                closed = "the connection closed during the hello"
+                if self.tls is None:
+                    closed += " (if the registry serves TLS, use a fastnats:// URL)"
+                raise RegistryUnavailableError(f"{self.where}: {closed}") from None
             except ControlProtocolError as exc:
                 raise ControlProtocolError(f"{self.where}: not a fastnat registry ({exc})") from None
             assert hello is not None
