@@ -72,7 +72,7 @@ _TLS_HANDSHAKE_RECORD = b"\x16"
 
 def _tls_failure(exc: BaseException) -> str:
     """Why a client's TLS handshake failed, from the forwarder's side."""
-    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+    if isinstance(exc, TimeoutError):
         return "no handshake in time"
     if isinstance(exc, ConnectionError):
         return "the client hung up during the handshake (does it trust this certificate?)"
@@ -364,7 +364,9 @@ class _Handshake(asyncio.Protocol):
             # right after connection_made, whatever pause_reading says).
             sock = transport.get_extra_info("socket").dup()
             self.tcp_handed_over = True
-            transport.abort()  # closes its descriptor; the duplicate keeps the connection
+            # Nothing written, nothing read: close() lets the descriptor go at
+            # once; the duplicate keeps the connection.
+            transport.close()
             self.tls_handshake = fwd._spawn(self._start_tls(sock))
             fwd._tls_handshakes.add(self.tls_handshake)
             self.tls_handshake.add_done_callback(fwd._tls_handshakes.discard)
@@ -380,7 +382,7 @@ class _Handshake(asyncio.Protocol):
         except asyncio.CancelledError:
             if not self.tls_up:
                 sock.close()  # dropped (timed out, or the forwarder is closing)
-        except (OSError, TimeoutError, asyncio.TimeoutError) as exc:
+        except OSError as exc:  # TimeoutError included
             sock.close()
             self._close(f"TLS handshake failed: {_tls_failure(exc)}", "tls_failed")
 

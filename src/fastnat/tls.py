@@ -23,13 +23,13 @@ import threading
 from typing import Any
 
 __all__ = [
+    "TLS_CA_ENV",
+    "TLS_ENV",
     "TLSConfigError",
-    "server_context",
     "client_context",
     "client_tls",
     "describe_tls_error",
-    "TLS_CA_ENV",
-    "TLS_ENV",
+    "server_context",
 ]
 
 TLS_CA_ENV = "FASTNAT_TLS_CA"

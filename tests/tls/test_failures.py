@@ -11,11 +11,11 @@ import time
 from collections.abc import Callable
 
 import pytest
+from nat.support import ForwarderProcess, recv_until_eof
 
 import fastnat
 from fastnat.aio import external_address
 from fastnat.errors import NATLayerError
-from nat.support import ForwarderProcess, recv_until_eof
 
 # Every failure here is reported well within this (the client's timeout is
 # 5 s; none of them should wait for it).

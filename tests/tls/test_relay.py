@@ -10,13 +10,13 @@ import ssl
 from collections.abc import Callable
 
 import pytest
+from nat.support import ForwarderProcess
 
 import fastnat
 from fastnat.aio import open_connection, start_server
 from fastnat.discovery import open_registry
 from fastnat.errors import NATLayerError
 from fastnat.tls import client_context
-from nat.support import ForwarderProcess
 
 from .support import hash_handler, hash_stream, payload, send_and_check
 

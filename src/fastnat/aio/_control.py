@@ -6,7 +6,6 @@ import asyncio
 from typing import Any
 
 from fastnat.errors import ControlProtocolError
-from fastnat.tls import can_half_close
 from fastnat.protocol import (
     MAX_MESSAGE_SIZE,
     HelloReplyReader,
@@ -14,8 +13,9 @@ from fastnat.protocol import (
     decode_message_body,
     decode_message_length,
 )
+from fastnat.tls import can_half_close
 
-__all__ = ["read_message", "FirstMessage", "HandshakeBuffer"]
+__all__ = ["FirstMessage", "HandshakeBuffer", "read_message"]
 
 
 async def read_message(reader: asyncio.StreamReader, max_size: int = MAX_MESSAGE_SIZE) -> Any:

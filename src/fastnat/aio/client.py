@@ -308,7 +308,13 @@ async def _simple_request(
         except NATLayerError as exc:
             failures.append((_where(host, port), exc))
             continue
-        writer.close()
+        if writer.get_extra_info("ssl_object") is not None:
+            # The reply is read whole: nothing to wait for, and a TLS close
+            # waits for the peer's close_notify (up to 30 s) before it lets
+            # the socket go.
+            writer.transport.abort()
+        else:
+            writer.close()
         if reply.status != Status.OK:
             failures.append((_where(host, port), reply_error(reply, f"{name} at {_where(host, port)}")))
             continue

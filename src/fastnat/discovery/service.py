@@ -43,7 +43,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import secrets
 import socket
 import ssl as ssl_module
@@ -61,7 +60,6 @@ from fastnat.discovery.base import (
 )
 from fastnat.discovery.store import DEFAULT_MAX_KEYS, DEFAULT_MAX_VALUES_PER_KEY, StoreFull, TTLStore
 from fastnat.errors import ControlProtocolError, RegistryUnavailableError
-from fastnat.tls import client_tls, connect_failure, connect_options
 from fastnat.protocol import (
     HELLO_SIZE,
     MAGIC,
@@ -85,6 +83,7 @@ from fastnat.protocol import (
     parse_reply,
     parse_request,
 )
+from fastnat.tls import client_tls, connect_failure, connect_options
 
 __all__ = ["RegistryLimits", "RegistryService", "RegistryServer", "ServiceRegistry", "DEFAULT_TIMEOUT"]
 
