@@ -18,6 +18,8 @@ Relay suite (issues 4 and 7), all clients on asyncio streams over TCP:
 * ``fastnat-compiled`` / ``fastnat-pure``: client -> ``python -m fastnat
   forwarder`` -> server registered with ``fastnat.aio.start_server`` (the
   three processes run the same engine: ``FASTNAT_NO_EXTENSIONS=1`` for pure);
+* ``fastnat-compiled-tls``: ``fastnat-compiled`` with TLS on both links to the
+  forwarder (``--tls-cert/--tls-key``; a CA made for the run with ``trustme``);
 * ``direct``: the same client and server processes as ``fastnat-compiled``,
   over a plain TCP connection to the server's own listener (the ceiling);
 * ``go-relay``: client -> Go relay -> Go server, hashicorp/yamux with its
@@ -90,9 +92,12 @@ class Topology:
     client: procs.Proc
     targets: dict[str, dict[str, Any]]
     info: dict[str, Any]
+    cleanup: list[Callable[[], Any]] = dataclasses.field(default_factory=list)  # after the processes end
 
     def close(self) -> None:
         self.group.close()
+        for step in self.cleanup:
+            step()
 
 
 def _start(name: str, build: Callable[[procs.ProcessGroup], Topology]) -> Topology:
@@ -104,36 +109,65 @@ def _start(name: str, build: Callable[[procs.ProcessGroup], Topology]) -> Topolo
         raise
 
 
-def start_forwarder(group: procs.ProcessGroup, engine: str) -> str:
-    fwd = group.start("forwarder", [sys.executable, "-m", "fastnat", "forwarder", "--host", "127.0.0.1", "--port", "0"],
+def start_forwarder(group: procs.ProcessGroup, engine: str, extra: list[str] | None = None) -> str:
+    fwd = group.start("forwarder", [sys.executable, "-m", "fastnat", "forwarder", "--host", "127.0.0.1", "--port", "0",
+                                    *(extra or [])],
                       env=python_env(engine), stops_at_eof=False)
     m = fwd.expect_regex(r"fastnat forwarder listening on (\S+):(\d+)", START_TIMEOUT)
     return f"{m.group(1)}:{m.group(2)}"
 
 
-def start_fastnat(engine: str, api: str = "asyncio") -> Topology:
+def make_tls_files(directory: Path) -> dict[str, str]:
+    """A CA and a certificate for 127.0.0.1 signed by it, as PEM files in
+    ``directory`` (made with trustme, a test dependency); HarnessError without it."""
+    try:
+        import trustme
+    except ImportError:
+        raise procs.HarnessError("the TLS variant needs the trustme package (pip install 'fastnat[test]')") from None
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    files = {name: str(directory / f"{name}.pem") for name in ("ca", "cert", "key")}
+    ca.cert_pem.write_to_path(files["ca"])
+    cert.private_key_pem.write_to_path(files["key"])
+    Path(files["cert"]).write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    return files
+
+
+def start_fastnat(engine: str, api: str = "asyncio", tls: bool = False) -> Topology:
     """client -> forwarder -> server, all on ``engine``; also direct TCP client -> server.
 
     ``api``: asyncio (``fastnat.aio.start_server`` / ``open_connection``) or
-    blocking (``nat_waitforconn`` / ``nat_openconn``, blocking sockets)."""
+    blocking (``nat_waitforconn`` / ``nat_openconn``, blocking sockets).
+    ``tls``: the forwarder serves TLS, the server and the client verify it."""
     role = {"asyncio": "aio", "blocking": "blocking"}[api]
     name = f"fastnat-{engine}" if api == "asyncio" else f"fastnat-{api}-{engine}"
+    name += "-tls" if tls else ""
 
     def build(group: procs.ProcessGroup) -> Topology:
         env = python_env(engine)
-        forwarder = start_forwarder(group, engine)
+        tls_args: list[str] = []
+        server_tls: list[str] = []
+        cleanup: list[Callable[[], Any]] = []
+        if tls:
+            directory = tempfile.TemporaryDirectory(prefix="fastnat-bench-tls-")
+            cleanup.append(directory.cleanup)
+            files = make_tls_files(Path(directory.name))
+            tls_args = ["--tls-cert", files["cert"], "--tls-key", files["key"]]
+            server_tls = ["--tls-ca", files["ca"]]
+        forwarder = start_forwarder(group, engine, tls_args)
         server = group.start("server", peer_argv(f"{role}-server", "--forwarder", forwarder, "--server-id", SERVER_ID,
-                                                 "--nat-port", NAT_PORT), env=env)
+                                                 "--nat-port", NAT_PORT, *server_tls), env=env)
         ready = server.expect_json("ready", START_TIMEOUT)
         _check_engine(server, ready, engine)
         client = group.start("client", peer_argv(f"{role}-client"), env=env)
         cready = client.expect_json("ready", START_TIMEOUT)
         _check_engine(client, cready, engine)
         targets = {
-            "fastnat": {"kind": "fastnat", "forwarder": forwarder, "server_id": SERVER_ID, "port": NAT_PORT},
+            "fastnat": {"kind": "fastnat", "forwarder": forwarder, "server_id": SERVER_ID, "port": NAT_PORT,
+                        "tls_ca": server_tls[1] if tls else None},
             "direct": {"kind": "tcp", "host": "127.0.0.1", "port": ready["tcp_port"]},
         }
-        return Topology(name, group, client, targets, {"server": ready, "client": cready})
+        return Topology(name, group, client, targets, {"server": ready, "client": cready}, cleanup)
 
     return _start(name, build)
 

@@ -36,7 +36,8 @@ streams, verify}, ``rtt`` {target, count, warmup, message_size}, ``cps``
 {target, loops, seconds}. A target is ``{"kind": "tcp", "host", "port"}`` (a
 plain TCP connection), ``{"kind": "mux", "host", "port"}`` (a stream on the
 multiplexer session this client keeps to that address), ``{"kind": "fastnat",
-"forwarder": "HOST:PORT", "server_id", "port"}`` (``fastnat.aio.open_connection``;
+"forwarder": "HOST:PORT", "server_id", "port", "tls_ca"?}`` (``fastnat.aio.open_connection``,
+over TLS when ``tls_ca`` names the CA file;
 for the blocking client ``fastnat.nat_openconn``).
 """
 
@@ -258,7 +259,7 @@ class AioClient:
 
             return await fastnat.aio.open_connection(
                 target["server_id"], target["port"], forwarder=target["forwarder"], limit=STREAM_LIMIT,
-                timeout=CONNECT_TIMEOUT,
+                timeout=CONNECT_TIMEOUT, ssl=target.get("tls_ca") or False,
             )
         raise ValueError(f"unknown target kind {kind!r}")
 
@@ -429,7 +430,8 @@ async def aio_server_main(args: argparse.Namespace) -> None:
         import fastnat.aio
 
         nat_server = await fastnat.aio.start_server(
-            aio_workload_server, args.server_id, args.nat_port, forwarder=args.forwarder, persist=False
+            aio_workload_server, args.server_id, args.nat_port, forwarder=args.forwarder, persist=False,
+            ssl=args.tls_ca or False,
         )
         ready.update(server_id=args.server_id, nat_port=args.nat_port, forwarder=args.forwarder)
 
@@ -659,7 +661,7 @@ class BlockingClient:
 
             host, port = target["forwarder"].rsplit(":", 1)
             sock = fastnat.nat_openconn(target["server_id"], target["port"], timeout=CONNECT_TIMEOUT,
-                                        forwarderIP=host, forwarderPort=int(port))
+                                        forwarderIP=host, forwarderPort=int(port), ssl=target.get("tls_ca") or False)
         else:
             raise ValueError(f"unknown target kind {kind!r}")
         sock.settimeout(IO_TIMEOUT)
@@ -875,7 +877,7 @@ def blocking_server_main(args: argparse.Namespace) -> None:
             blocking_workload_server(sock)
 
         handle_nat = fastnat.nat_waitforconn(args.server_id, args.nat_port, on_client, forwarderIP=host,
-                                             forwarderPort=int(port), persist=False)
+                                             forwarderPort=int(port), persist=False, ssl=args.tls_ca or False)
         ready.update(server_id=args.server_id, nat_port=args.nat_port, forwarder=args.forwarder)
 
     def handle(command: dict[str, Any]) -> dict[str, Any]:
@@ -903,6 +905,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-id", default="bench-server")
     parser.add_argument("--nat-port", type=int, default=7000)
     parser.add_argument("--upstream", help="plain-relay: the server's HOST:PORT")
+    parser.add_argument("--tls-ca", help="servers: reach the forwarder over TLS, trusting this CA file")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     die_with_parent()

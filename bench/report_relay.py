@@ -10,6 +10,8 @@ Implementations, each its own processes on 127.0.0.1 (see bench/net_bench.py):
 * fastnat compiled / pure: client -> `python -m fastnat forwarder` -> server
   registered with fastnat.aio.start_server (FASTNAT_NO_EXTENSIONS=1 in all three
   processes for pure);
+* fastnat TLS (not in the default set, --impls fastnat-compiled,fastnat-tls,direct):
+  fastnat compiled with TLS on both links to the forwarder;
 * Go relay: client -> bench/go_relay/relay.go -> Go server that dialled out,
   hashicorp/yamux with its default config, one stream per client;
 * plain relay: client -> asyncio relay on uvloop, one fresh TCP connection to
@@ -45,6 +47,8 @@ import procs  # noqa: E402
 IMPLS = {
     "fastnat-compiled": nb.Impl("fastnat-compiled", "fastnat-compiled", "fastnat"),
     "fastnat-pure": nb.Impl("fastnat-pure", "fastnat-pure", "fastnat"),
+    # Not in the default set: fastnat compiled with TLS on both links to the forwarder.
+    "fastnat-tls": nb.Impl("fastnat-tls", "fastnat-compiled-tls", "fastnat"),
     "go-relay": nb.Impl("go-relay", "go", "relay"),
     "plain-relay": nb.Impl("plain-relay", "plain", "relay"),
     "direct": nb.Impl("direct", "fastnat-compiled", "direct"),
@@ -57,6 +61,7 @@ DEFAULT_IMPLS = ["fastnat-compiled", "fastnat-pure", "go-relay", "plain-relay", 
 HEADERS = {
     "fastnat-compiled": "fastnat compiled",
     "fastnat-pure": "fastnat pure",
+    "fastnat-tls": "fastnat compiled, TLS",
     "go-relay": "Go relay (yamux)",
     "plain-relay": "plain relay (uvloop)",
     "direct": "direct TCP",
@@ -100,6 +105,12 @@ def start_topologies(impls: list[str], log) -> tuple[dict[str, nb.Topology], dic
         if "fastnat-pure" in needed:
             log("starting fastnat (pure)\n")
             topologies["fastnat-pure"] = nb.start_fastnat("pure")
+        if "fastnat-compiled-tls" in needed:
+            log("starting fastnat (compiled, TLS)\n")
+            try:
+                topologies["fastnat-compiled-tls"] = nb.start_fastnat("compiled", tls=True)
+            except procs.HarnessError as exc:
+                skipped["fastnat-tls"] = str(exc)
         if "fastnat-blocking-compiled" in needed:
             log("starting fastnat (blocking API, compiled)\n")
             topologies["fastnat-blocking-compiled"] = nb.start_fastnat("compiled", api="blocking")
@@ -147,6 +158,15 @@ def print_tables(results: nb.Results, impls: list[str], workloads: list[nb.Workl
             label = wl.label if figure in ("MB/s", "conn/s") else f"{wl.label}: {figure.split()[0]}"
             cells = [nb.ratio_cell(results.ratio(wl.name, impl, reference(impl), figure)) for impl in others]
             print(f"| {label} | " + " | ".join(cells) + " |")
+    if "fastnat-tls" in impls and C in impls:
+        print()
+        print("TLS against plain TCP, fastnat compiled, same run (throughput: share of plain; latency: multiple of plain):")
+        print()
+        print("| workload | fastnat TLS / fastnat plain |")
+        print("|---|---:|")
+        for wl, figure, unit in rows:
+            label = wl.label if figure in ("MB/s", "conn/s") else f"{wl.label}: {figure.split()[0]}"
+            print(f"| {label} | {nb.ratio_cell(results.ratio(wl.name, 'fastnat-tls', C, figure))} |")
     print()
     print("Targets (issue 7; ratio of the medians, range of the per-round ratios):")
     print()

@@ -107,7 +107,7 @@ def background(tmp_path: Path) -> Iterator[Background]:
 def test_the_readme_marks_its_commands() -> None:
     names = set(blocks())
     assert {"install-and-run", "quickstart-forwarder", "quickstart-expose", "quickstart-connect",
-            "quickstart-use", "python-blocking", "python-asyncio"} <= names
+            "quickstart-use", "python-blocking", "python-asyncio", "tls-forwarder", "tls-expose", "tls-connect"} <= names
 
 
 def test_install_and_run(background: Background) -> None:
@@ -142,6 +142,40 @@ def test_quickstart(background: Background, tmp_path: Path) -> None:
     assert "hello from behind the NAT" in result.stdout, result
     connect, expose, _web, forwarder = background.stop()  # stopped in reverse order of start
     assert (connect, expose, forwarder) == (0, 0, 0)  # fastnat's commands stop cleanly on SIGTERM
+
+
+@pytest.mark.slow
+def test_tls_quickstart(background: Background, tmp_path: Path) -> None:
+    """The TLS part's commands, with certificates for 127.0.0.1 made here."""
+    from _tls_helpers import make_tls_files
+
+    files = make_tls_files(tmp_path)
+    b = blocks()
+    addresses = Addresses()
+
+    def command(name: str) -> list[str]:
+        code = addresses.apply(b[name][1].strip())
+        for file, path in (("cert.pem", files.cert), ("key.pem", files.key), ("ca.pem", files.ca)):
+            code = code.replace(f" {file}", f" {path}")
+        return fastnat_argv(code)
+
+    (tmp_path / "index.html").write_text("hello over TLS\n")
+    background.start(command("tls-forwarder"), ready="listening on")
+    background.start(
+        [sys.executable, "-m", "http.server", str(addresses.web), "--bind", "127.0.0.1", "--directory", str(tmp_path)]
+    )
+    background.start(command("tls-expose"), ready="fastnat: my-laptop port 80")
+    background.start(command("tls-connect"), ready="fastnat: listening on")
+    use = addresses.apply(b["quickstart-use"][1].strip())
+    deadline = time.monotonic() + 20
+    while True:
+        result = subprocess.run(shlex.split(use), capture_output=True, text=True, timeout=20, check=False)
+        if "hello over TLS" in result.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)  # the web server may still be starting
+    assert "hello over TLS" in result.stdout, result
+    connect, expose, _web, forwarder = background.stop()
+    assert (connect, expose, forwarder) == (0, 0, 0)
 
 
 def _run_python_block(name: str, background: Background) -> str:

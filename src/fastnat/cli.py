@@ -131,6 +131,27 @@ def _add_nat_options(p: argparse.ArgumentParser) -> None:
         help="forwarder HOST:PORT to use (default: $FASTNAT_FORWARDERS, else a registry lookup)",
     )
     p.add_argument("--registry", default=_env("FASTNAT_REGISTRY"), help="registry URL (default: $FASTNAT_REGISTRY)")
+    p.add_argument("--tls-ca", metavar="FILE", default=_env("FASTNAT_TLS_CA"),
+                   help="connect to forwarders (and fastnats:// registries) with TLS, trusting the CA in FILE ($FASTNAT_TLS_CA)")
+    p.add_argument("--tls", action="store_true",
+                   help="connect to forwarders with TLS, trusting the system's CAs ($FASTNAT_TLS=1)")
+
+
+def _add_tls_server_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-cert", metavar="FILE", default=_env("FASTNAT_TLS_CERT"),
+                   help="serve TLS with this PEM certificate chain ($FASTNAT_TLS_CERT; needs --tls-key)")
+    p.add_argument("--tls-key", metavar="FILE", default=_env("FASTNAT_TLS_KEY"),
+                   help="the certificate's PEM private key ($FASTNAT_TLS_KEY)")
+
+
+def _server_tls(args: argparse.Namespace) -> Any:
+    """The server context of --tls-cert/--tls-key (both or neither), or None."""
+    from fastnat.tls import server_context
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        given, missing = ("--tls-cert", "--tls-key") if args.tls_cert else ("--tls-key", "--tls-cert")
+        raise _UserError(f"{given} needs {missing} too (TLS takes a certificate and its key)")
+    return server_context(args.tls_cert, args.tls_key) if args.tls_cert else None
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -176,6 +197,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats-detail", choices=STATS_DETAIL_POLICIES, default="local",
                    help="who sees the per-server part of 'fastnat status' (ids, ports, server addresses): "
                    "callers on this host (local, the default), all, or none")
+    _add_tls_server_options(p)
 
     p = sub.add_parser("registry", help="run the built-in registry service alone")
     p.add_argument("--host", default=_env("FASTNAT_HOST", "0.0.0.0"), help="address to listen on ($FASTNAT_HOST, default 0.0.0.0)")
@@ -193,6 +215,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help=f"open connections from one IP address (default {registry_defaults.max_connections_per_ip})")
     p.add_argument("--max-requests-per-ip", type=_positive_number, default=registry_defaults.max_requests_per_ip_per_second,
                    help=f"requests per second from one IP address; more wait (default {registry_defaults.max_requests_per_ip_per_second:g})")
+    _add_tls_server_options(p)
 
     p = sub.add_parser("expose", help="publish a local TCP service under ID, reachable through forwarders")
     p.add_argument("id", help="the server id to publish under")
@@ -274,7 +297,7 @@ async def _forwarder(args: argparse.Namespace) -> int:
     )
     secrets = _load_secrets_file(args.secrets_file)
     forwarder = Forwarder(
-        args.host, args.port, limits=limits, secret=args.secret, secrets=secrets,
+        args.host, args.port, limits=limits, secret=args.secret, secrets=secrets, ssl=_server_tls(args),
         registry=args.registry, advertise=args.advertise, host_registry=not args.no_embedded_registry,
         stats_detail=args.stats_detail,
         mux_config=MuxConfig(max_streams=args.max_streams_per_session),
@@ -304,7 +327,7 @@ async def _registry(args: argparse.Namespace) -> int:
     )
     secret = args.secret.encode() if args.secret else None
     service = RegistryService(limits, secret=secret, secrets=_load_secrets_file(args.secrets_file))
-    server = RegistryServer(args.host, args.port, service)
+    server = RegistryServer(args.host, args.port, service, ssl=_server_tls(args))
 
     async def stop() -> None:
         server.close()
@@ -322,6 +345,10 @@ def _configure_nat(args: argparse.Namespace) -> None:
         # this process's copy of it gives way to the flag.
         os.environ.pop(REGISTRY_ENV, None)
         fastnat.configure(registry=args.registry)
+    if getattr(args, "tls_ca", None):
+        fastnat.configure(tls=args.tls_ca)
+    elif getattr(args, "tls", False):
+        fastnat.configure(tls=True)
 
 
 async def _expose(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ import ipaddress
 import logging
 import os
 import secrets as _secrets
+import ssl as ssl_module
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,26 @@ from fastnat.splice import Splice
 __all__ = ["Forwarder", "ForwarderLimits", "load_secrets"]
 
 log = logging.getLogger("fastnat.forwarder")
+
+# The first byte of a TLS connection (a handshake record): a TLS client at a
+# plain forwarder is told apart from other bad input by it.
+_TLS_HANDSHAKE_RECORD = b"\x16"
+
+
+def _tls_failure(exc: BaseException) -> str:
+    """Why a client's TLS handshake failed, from the forwarder's side."""
+    if isinstance(exc, TimeoutError):
+        return "no handshake in time"
+    if isinstance(exc, ConnectionError):
+        return "the client hung up during the handshake (does it trust this certificate?)"
+    reason = getattr(exc, "reason", None)
+    if reason:
+        text = str(reason).replace("_", " ").lower()
+        if reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_PROTOCOL"):
+            text += " (a client without TLS?)"
+        return text
+    return str(exc) or type(exc).__name__
+
 
 # The test string the forwarder sends back to a caller of ``bidirectional``.
 _ECHO_PROBE_SIZE = 16
@@ -356,8 +377,20 @@ class _Handshake(asyncio.Protocol):
         self.eof = False  # the client half-closed while its request was served
         self.hello_reply = b""  # held back to go out with the client's reply
         self.ip_slot = False  # counted in the forwarder's connections per address
+        self.dropped = False  # closed for cause (logged once)
+        # TLS: the accepted TCP connection's socket passes to a TLS transport
+        # (connect_accepted_socket), which calls connection_made again once
+        # its handshake is done; the TCP transport's connection_lost is not
+        # this connection's end.
+        self.tls_handshake: asyncio.Task[None] | None = None
+        self.tls_up = False  # the TLS transport is made (handshake done)
+        self.tcp_handed_over = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.tls_handshake is not None:
+            self.transport = transport  # type: ignore[assignment]  # the TLS transport, handshake done
+            self.tls_up = True
+            return
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         fwd = self.fwd
@@ -373,7 +406,8 @@ class _Handshake(asyncio.Protocol):
         if fwd._pending_handshakes >= fwd.limits.max_pending_handshakes:
             fwd.counters.refuse("handshakes_full")
             log.warning("refusing %s:%d: %d handshakes pending", *self.peer, fwd._pending_handshakes)
-            self.transport.write(encode_hello_reply(HelloStatus.BUSY, 0, bytes(NONCE_SIZE)))
+            if fwd.ssl is None:  # over TLS there is no channel to say BUSY on yet
+                self.transport.write(encode_hello_reply(HelloStatus.BUSY, 0, bytes(NONCE_SIZE)))
             transport.close()
             return
         ip = self.peer[0]
@@ -386,7 +420,34 @@ class _Handshake(asyncio.Protocol):
             return
         fwd._pending_handshakes += 1
         self.pending = True
+        # The TLS handshake, if any, counts against the same timeout.
         self.timer = asyncio.get_running_loop().call_later(fwd.limits.handshake_timeout, self._timed_out)
+        if fwd.ssl is not None:
+            # Here, before the transport reads anything (uvloop starts reading
+            # right after connection_made, whatever pause_reading says).
+            sock = transport.get_extra_info("socket").dup()
+            self.tcp_handed_over = True
+            # Nothing written, nothing read: close() lets the descriptor go at
+            # once; the duplicate keeps the connection.
+            transport.close()
+            self.tls_handshake = fwd._spawn(self._start_tls(sock))
+            fwd._tls_handshakes.add(self.tls_handshake)
+            self.tls_handshake.add_done_callback(fwd._tls_handshakes.discard)
+
+    async def _start_tls(self, sock: Any) -> None:
+        """Run the TLS handshake on the accepted connection's socket; a
+        failure is one log line."""
+        fwd = self.fwd
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: self, sock, ssl=fwd.ssl, ssl_handshake_timeout=fwd.limits.handshake_timeout
+            )
+        except asyncio.CancelledError:
+            if not self.tls_up:
+                sock.close()  # dropped (timed out, or the forwarder is closing)
+        except OSError as exc:  # TimeoutError included
+            sock.close()
+            self._close(f"TLS handshake failed: {_tls_failure(exc)}", "tls_failed")
 
     def _refuse_ip(self, status: int, reason: str, why: str) -> None:
         """Refuse a connection at a per-address limit: the hello reply says which."""
@@ -407,6 +468,9 @@ class _Handshake(asyncio.Protocol):
         self._close(f"no handshake within {self.fwd.limits.handshake_timeout:g} s", "handshake_timeout")
 
     def _close(self, reason: str, counter: str = "bad_input") -> None:
+        if self.dropped:
+            return
+        self.dropped = True
         self.fwd._drop(self.peer, reason, counter)
         if self.transport is not None and not self.transport.is_closing():
             if self.hello_reply:  # the hello was fine: say so before hanging up
@@ -416,6 +480,8 @@ class _Handshake(asyncio.Protocol):
         self._finish()
 
     def _finish(self) -> None:
+        if self.tls_handshake is not None and not self.tls_up:
+            self.tls_handshake.cancel()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -436,6 +502,8 @@ class _Handshake(asyncio.Protocol):
             return
         if self.role is None:
             self.buffer += data
+            if self.buffer[:1] == _TLS_HANDSHAKE_RECORD:
+                raise ControlProtocolError("not a fastnat hello but a TLS handshake: this forwarder does not serve TLS (see --tls-cert)")
             if len(self.buffer) < HELLO_SIZE:
                 head = bytes(self.buffer[:4])
                 if head != b"FNAT"[: len(head)]:
@@ -517,10 +585,13 @@ class _Handshake(asyncio.Protocol):
     def eof_received(self) -> bool:
         if self.busy:
             self.eof = True  # relayed as a FIN once the splice runs
-            return True
+            return not self.tls_up  # a TLS connection cannot half-close: it ends here
         return False  # nothing asked yet: the connection is over
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.tcp_handed_over:
+            self.tcp_handed_over = False  # the TCP transport's end: TLS goes on
+            return
         self.lost = True
         self._finish()
         self.release_ip_slot()
@@ -533,6 +604,9 @@ class Forwarder:
     ``secrets`` maps ids to their own secrets (see :func:`load_secrets`).
     ``stats_detail`` says who sees the per-server part of ``stats`` (see
     :data:`STATS_DETAIL_POLICIES`).
+    ``ssl``: a server ``ssl.SSLContext`` (see :func:`fastnat.tls.server_context`)
+    to serve every role (servers, clients, the hosted registry) over TLS;
+    the TLS handshake counts against ``limits.handshake_timeout``.
     """
 
     def __init__(
@@ -560,6 +634,8 @@ class Forwarder:
         self.secret = secret.encode() if isinstance(secret, str) else secret
         self.secrets = None if secrets is None else {k: (v.encode() if isinstance(v, str) else v) for k, v in secrets.items()}
         self.mux_config = mux_config
+        if ssl is not None and not isinstance(ssl, ssl_module.SSLContext):
+            raise TypeError(f"ssl must be a server ssl.SSLContext (fastnat.tls.server_context), not {type(ssl).__name__}")
         self.ssl = ssl
         # The keepalive of the servers' sessions: the process's settings (as
         # on the server's end of the same session) unless given here.
@@ -573,6 +649,7 @@ class Forwarder:
         self._links: set[_ServerLink] = set()
         self._splices: set[Splice] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._tls_handshakes: set[asyncio.Task[None]] = set()
         self._pending_handshakes = 0
         self._ip_connections = AddressCounts(self.limits.max_connections_per_ip)
         self._ip_handshakes = AddressCounts(self.limits.max_handshakes_per_ip)
@@ -601,8 +678,12 @@ class Forwarder:
 
             # Writes to the hosted registry need the same secrets as registrations.
             self.registry_service = RegistryService(secret=self.secret, secrets=self.secrets)
-        self._server = await loop.create_server(lambda: _Handshake(self), self.host, self.requested_port, ssl=self.ssl)
-        log.info("forwarder listening on %s", ", ".join(f"{a[0]}:{a[1]}" for a in self.addresses))
+        # Plain TCP: each connection starts its own TLS handshake (start_tls),
+        # so that the handshake is bounded and counted like the rest.
+        self._server = await loop.create_server(lambda: _Handshake(self), self.host, self.requested_port)
+        log.info(
+            "forwarder listening on %s%s", ", ".join(f"{a[0]}:{a[1]}" for a in self.addresses), " (TLS)" if self.ssl else ""
+        )
         self._start_advertising()
 
     @property
@@ -636,6 +717,8 @@ class Forwarder:
             self.registry_service.close()
         if self._server is not None:
             self._server.close()
+        for handshake in list(self._tls_handshakes):
+            handshake.cancel()
         for splice in list(self._splices):
             splice.close()
         for link in list(self._links):

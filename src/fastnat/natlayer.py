@@ -18,6 +18,7 @@ import itertools
 import logging
 import random
 import socket
+import ssl as ssl_module
 import threading
 import time
 from collections.abc import Callable
@@ -52,6 +53,7 @@ from fastnat.locate import (
     remember_working,
 )
 from fastnat.settings import choose_forwarders, get_settings, registry_url, static_forwarders
+from fastnat.tls import client_tls, closed_during_hello, connect_failure
 
 __all__ = [
     "nat_openconn",
@@ -77,7 +79,9 @@ _PROBE_POLL = 0.1
 # ------------------------------------------------------------------ client
 
 
-def _recv_exactly(sock: socket.socket, n: int, deadline: float, where: str) -> bytes:
+def _recv_exactly(
+    sock: socket.socket, n: int, deadline: float, where: str, closed: str = "the forwarder closed the connection"
+) -> bytes:
     chunks = bytearray()
     while len(chunks) < n:
         remaining = deadline - time.monotonic()
@@ -88,10 +92,12 @@ def _recv_exactly(sock: socket.socket, n: int, deadline: float, where: str) -> b
             chunk = sock.recv(n - len(chunks))
         except TimeoutError:
             raise ForwarderUnreachableError(f"{where}: no answer in time") from None
+        except ConnectionResetError:
+            raise ForwarderUnreachableError(f"{where}: {closed}") from None
         except OSError as exc:
             raise ForwarderUnreachableError(f"{where}: {exc.strerror or exc}") from exc
         if not chunk:
-            raise ForwarderUnreachableError(f"{where}: the forwarder closed the connection")
+            raise ForwarderUnreachableError(f"{where}: {closed}")
         chunks += chunk
     return bytes(chunks)
 
@@ -103,22 +109,31 @@ def _client_request(
     value: Any,
     timeout: float,
     source: tuple[str, int] | None = None,
+    ssl: Any = None,
 ) -> tuple[socket.socket, Reply]:
     """One client request on a fresh connection; reads exactly the hello
-    reply and the reply, so the socket holds nothing but what follows."""
+    reply and the reply, so the socket holds nothing but what follows.
+    With TLS (``ssl``, see :func:`fastnat.tls.client_tls`) the socket is an
+    ``ssl.SSLSocket`` whose handshake is done."""
     where = f"forwarder {host}:{port}"
+    context = client_tls(ssl)
     deadline = time.monotonic() + timeout
     try:
         sock = socket.create_connection((host, port), timeout, source_address=source)
+        if context is not None:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            sock = context.wrap_socket(sock, server_hostname=host)  # closes the socket if the handshake fails
     except TimeoutError:
-        raise ForwarderUnreachableError(f"{where}: no connection within {timeout:g} s") from None
-    except OSError as exc:
-        raise ForwarderUnreachableError(f"{where}: {exc.strerror or exc}") from exc
+        what = "connection and TLS handshake" if context is not None else "connection"
+        raise ForwarderUnreachableError(f"{where}: no {what} within {timeout:g} s") from None
+    except (OSError, ssl_module.SSLError) as exc:
+        raise ForwarderUnreachableError(f"{where}: {connect_failure(exc, context is not None)}") from exc
+    closed = closed_during_hello(context is not None)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(encode_hello(ROLE_CLIENT) + encode_request(1, name, value))
         parser = HelloReplyReader()
-        head = _recv_exactly(sock, HelloReplyReader.max_size() - 255, deadline, where)
+        head = _recv_exactly(sock, HelloReplyReader.max_size() - 255, deadline, where, closed)
         try:
             hello = parser.feed(head)
             if hello is None:
@@ -168,6 +183,8 @@ def nat_openconn(
     forwarderIP: str | None = None,  # noqa: N803 - the seed's name
     forwarderPort: int | None = None,  # noqa: N803
     usetimeoutsock: bool = False,
+    *,
+    ssl: Any = None,
 ) -> socket.socket:
     """Open a connection to port ``destport`` of the server ``destmac``.
 
@@ -175,7 +192,12 @@ def nat_openconn(
     bytes are the server's. ``timeout`` bounds the connect and the handshake;
     with ``usetimeoutsock`` the socket keeps it as its timeout, otherwise it is
     blocking. Every forwarder configured is tried; one error names them all.
+    ``ssl``: TLS to the forwarder, an ``ssl.SSLContext``, a CA file path,
+    True (the system's CAs) or False; None takes the configured default
+    (:mod:`fastnat.tls`). Over TLS the socket is an ``ssl.SSLSocket``, which
+    cannot half-close: ``shutdown`` ends TLS on it, so close it instead.
     """
+    context = client_tls(ssl)
     validate_server_id(destmac)
     validate_port(destport)
     source = (localip or "", localport or 0) if (localip or localport) else None
@@ -199,7 +221,7 @@ def nat_openconn(
             where = f"forwarder {host}:{port}"
             try:
                 sock, reply = _client_request(
-                    host, port, "client_init", {"server": destmac, "port": destport}, timeout, source
+                    host, port, "client_init", {"server": destmac, "port": destport}, timeout, source, context or False
                 )
             except NATLayerError as exc:
                 failures.append((where, exc))
@@ -214,12 +236,14 @@ def nat_openconn(
     raise combine_failures(f"nat_openconn to {destmac!r} port {destport}", failures)
 
 
-def _simple_request(name: str, value: Any, host: str | None, port: int | None, timeout: float = 5.0) -> Any:
+def _simple_request(
+    name: str, value: Any, host: str | None, port: int | None, timeout: float = 5.0, ssl: Any = None
+) -> Any:
     failures: list[tuple[str, BaseException]] = []
     for fhost, fport in _any_forwarders(host, port):
         where = f"forwarder {fhost}:{fport}"
         try:
-            sock, reply = _client_request(fhost, fport, name, value, timeout)
+            sock, reply = _client_request(fhost, fport, name, value, timeout, ssl=ssl)
         except NATLayerError as exc:
             failures.append((where, exc))
             continue
@@ -230,18 +254,18 @@ def _simple_request(name: str, value: Any, host: str | None, port: int | None, t
     raise combine_failures(name, failures)
 
 
-def getmy_external_ip(forwarderIP: str | None = None, forwarderPort: int | None = None) -> str:  # noqa: N803
-    """The IP address a forwarder sees this host connect from."""
-    return str(_simple_request("externaladdr", None, forwarderIP, forwarderPort)["ip"])
+def getmy_external_ip(forwarderIP: str | None = None, forwarderPort: int | None = None, *, ssl: Any = None) -> str:  # noqa: N803
+    """The IP address a forwarder sees this host connect from (``ssl`` as for :func:`nat_openconn`)."""
+    return str(_simple_request("externaladdr", None, forwarderIP, forwarderPort, ssl=ssl)["ip"])
 
 
-def behind_nat(forwarderIP: str | None = None, forwarderPort: int | None = None) -> bool:  # noqa: N803
+def behind_nat(forwarderIP: str | None = None, forwarderPort: int | None = None, *, ssl: Any = None) -> bool:  # noqa: N803
     """True when the address a forwarder sees differs from this host's own."""
     failures: list[tuple[str, BaseException]] = []
     for host, port in _any_forwarders(forwarderIP, forwarderPort):
         where = f"forwarder {host}:{port}"
         try:
-            sock, reply = _client_request(host, port, "externaladdr", None, 5.0)
+            sock, reply = _client_request(host, port, "externaladdr", None, 5.0, ssl=ssl)
         except NATLayerError as exc:
             failures.append((where, exc))
             continue
@@ -281,9 +305,13 @@ def nat_check_bi_directional(
     port: int,
     forwarderIP: str | None = None,  # noqa: N803
     forwarderCltPort: int | None = None,  # noqa: N803
+    *,
+    ssl: Any = None,
 ) -> bool:
     """True if this host needs the NAT layer: a forwarder cannot connect
-    back to ``localip:port`` (listened on meanwhile) and echo a test string."""
+    back to ``localip:port`` (listened on meanwhile) and echo a test string.
+    ``ssl`` is for the request to the forwarder; the probe is plain TCP."""
+    context = client_tls(ssl)
     if forwarderIP is not None or not registry_url():
         choose_forwarders(forwarderIP, forwarderCltPort)  # fail early when none is configured
     listener = socket.socket(socket.AF_INET6 if ":" in localip else socket.AF_INET, socket.SOCK_STREAM)
@@ -312,7 +340,7 @@ def nat_check_bi_directional(
     thread = threading.Thread(target=echo_one, name="fastnat-bidirectional-probe", daemon=True)
     thread.start()
     try:
-        value = _simple_request("bidirectional", {"ip": localip, "port": port}, forwarderIP, forwarderCltPort)
+        value = _simple_request("bidirectional", {"ip": localip, "port": port}, forwarderIP, forwarderCltPort, ssl=context or False)
     finally:
         stop.set()
         listener.close()
@@ -368,6 +396,7 @@ def nat_waitforconn(
     persist: bool = True,
     *,
     redundancy: int = 1,
+    ssl: Any = None,
 ) -> NATListenHandle:
     """Accept connections to ``localport`` of server id ``localmac`` through a forwarder.
 
@@ -380,7 +409,10 @@ def nat_waitforconn(
     serves clients and servers on one port. With no forwarder named, one is
     found in the registry (or the configured list); ``redundancy=N`` holds
     the registration at N forwarders at once, all of them announced.
+    ``ssl``: TLS to the forwarders, as for :func:`nat_openconn`; it applies
+    when the id's session is first made.
     """
+    context = client_tls(ssl)
     validate_server_id(localmac)
     validate_port(localport)
     if not callable(function):
@@ -407,7 +439,9 @@ def nat_waitforconn(
         threading.Thread(target=run, name=f"fastnat-conn-{next(_thread_names)}", daemon=True).start()
 
     async def register() -> Registration:
-        registration = await get_registration(localmac, forwarder=forwarder, persist=persist, redundancy=redundancy)
+        registration = await get_registration(
+            localmac, forwarder=forwarder, persist=persist, redundancy=redundancy, ssl=context or False
+        )
         if errdel is not None:
             registration.error_delegates.append(errdel)
         try:

@@ -58,6 +58,10 @@ class Settings:
     reconnect_max_delay: float = 30.0
     # How long a server waits for the forwarder to answer a control request.
     request_timeout: float = 10.0
+    # TLS to the forwarders and to fastnats:// registries: an ssl.SSLContext,
+    # a CA file path, True (the system's CAs) or None (FASTNAT_TLS_CA /
+    # FASTNAT_TLS, else plain TCP). See fastnat.tls.
+    tls: Any = None
 
 
 # Timings a deployment may set without code (the command line, tests).
@@ -98,6 +102,7 @@ def configure(
     registry: str | None = None,
     secret: bytes | str | None = None,
     mux_config: MuxConfig | None = None,
+    tls: Any = None,
     **options: Any,
 ) -> None:
     """Set process-wide defaults of the NAT layer.
@@ -105,15 +110,23 @@ def configure(
     ``forwarders``: addresses (``"host:port"`` or ``(host, port)``) used when a
     call names none and ``FASTNAT_FORWARDERS`` is unset. ``registry``: a
     registry URL (see :func:`fastnat.discovery.open_registry`). ``secret``: the
-    secret proving this process's server ids. Other keywords set the fields of
-    :class:`Settings`.
+    secret proving this process's server ids. ``tls``: TLS to forwarders and
+    ``fastnats://`` registries by default (a CA file path, an
+    ``ssl.SSLContext``, True for the system's CAs, False for plain TCP; see
+    :mod:`fastnat.tls`). Other keywords set the fields of :class:`Settings`.
     """
+    if tls is not None:
+        from fastnat.tls import client_tls
+
+        client_tls(tls)  # a CA file that cannot be read fails here, not at the first connection
     with _lock:
+        if tls is not None:
+            _settings.tls = tls
         if forwarders is not None:
             _settings.forwarders = [_parse_one(f) for f in forwarders]
         if registry is not None:
             if "://" not in registry:
-                raise ValueError(f"a registry URL looks like fastnat://host:port, got {registry!r}")
+                raise ValueError(f"a registry URL looks like fastnat://host:port or fastnats://host:port, got {registry!r}")
             _settings.registry = registry or None
         if secret is not None:
             _settings.secret = secret.encode() if isinstance(secret, str) else secret

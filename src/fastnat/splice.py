@@ -8,6 +8,11 @@ splice never buffers more than the transports' own limits. A FIN on one side
 becomes a FIN on the other (half-close both ways), a reset becomes an abort,
 and when both directions are done both transports are closed.
 
+A TLS side cannot half-close (asyncio's TLS transport has no ``write_eof``):
+an end of stream toward it closes it once what is buffered for it is sent
+(with TLS's close_notify), and its own end of stream closes it too, so its
+connection ends with whichever direction ends first.
+
 Reads from a TCP side go into a reusable buffer (``recv_into``), never into a
 fresh bytes object per read.
 """
@@ -22,6 +27,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from fastnat._buffers import ReadBuffer, loop_read_buffer
+from fastnat.tls import can_half_close
 
 __all__ = ["Meter", "Relays", "Splice", "SPLICE_READ_BUFFER"]
 
@@ -79,6 +85,7 @@ class _End(asyncio.BufferedProtocol):
         # full (backpressure) or while a meter holds it (a rate limit).
         self.backpressured = False
         self.held = False
+        self.half_close = True  # False on TLS, which cannot half-close
 
     # reading this side
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -138,7 +145,8 @@ class _End(asyncio.BufferedProtocol):
             else:
                 other.transport.close()
         self.splice._maybe_done()
-        return True  # keep our write direction open
+        # Keep our write direction open (TLS cannot: its transport closes).
+        return self.half_close
 
     # writing this side: backpressure onto the other side's reading
     def pause_writing(self) -> None:
@@ -204,6 +212,7 @@ class Splice:
         self.end_b = _End(self, "b>a")
         self.end_a.other, self.end_b.other = self.end_b, self.end_a
         self.end_a.transport, self.end_b.transport = a, b
+        self.end_a.half_close, self.end_b.half_close = can_half_close(a), can_half_close(b)
         for end, transport, initial in ((self.end_a, a, initial_a), (self.end_b, b, initial_b)):
             if initial:
                 end._forward(memoryview(initial))

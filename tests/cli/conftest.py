@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from _tls_helpers import tls_files  # noqa: F401 - a fixture (tests/cli/test_tls.py)
 
 from .support import Processes, Service
 

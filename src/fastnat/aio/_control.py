@@ -13,8 +13,9 @@ from fastnat.protocol import (
     decode_message_body,
     decode_message_length,
 )
+from fastnat.tls import can_half_close
 
-__all__ = ["read_message", "FirstMessage", "HandshakeBuffer"]
+__all__ = ["FirstMessage", "HandshakeBuffer", "read_message"]
 
 
 async def read_message(reader: asyncio.StreamReader, max_size: int = MAX_MESSAGE_SIZE) -> Any:
@@ -95,10 +96,14 @@ class HandshakeBuffer(asyncio.Protocol):
     """
 
     def __init__(self) -> None:
+        self.half_close = True  # False on TLS, which cannot half-close
         self.buffer = bytearray()
         self.error: BaseException | None = None
         self.eof = False  # the peer half-closed; whoever takes over must know
         self.waiter: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.half_close = can_half_close(transport)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -107,7 +112,7 @@ class HandshakeBuffer(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.eof = True
         self._wake()
-        return True  # the other direction stays open
+        return self.half_close  # the other direction stays open (not over TLS)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.error = exc or ConnectionResetError("the forwarder closed the connection")

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator
-from typing import Any
+import ssl as ssl_module
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 from fastnat.aio._control import HandshakeBuffer, read_message
 from fastnat.errors import ControlProtocolError, ForwarderUnreachableError, NATLayerError
@@ -34,6 +35,7 @@ from fastnat.locate import (
     remember_working,
 )
 from fastnat.settings import choose_forwarders, parse_address, registry_url
+from fastnat.tls import client_tls, closed_during_hello, connect_failure, connect_options
 
 __all__ = [
     "open_connection",
@@ -42,7 +44,10 @@ __all__ = [
     "external_address",
     "check_bidirectional",
     "combine_failures",
+    "dial",
 ]
+
+T = TypeVar("T")
 
 # StreamReader limit of a client connection (as asyncio's default is 64 KiB,
 # a larger one means fewer pauses on fast transfers).
@@ -53,7 +58,21 @@ def _where(host: str, port: int) -> str:
     return f"forwarder {host}:{port}"
 
 
-async def read_hello_reply(reader: asyncio.StreamReader, where: str) -> Any:
+async def dial(where: str, connecting: Awaitable[T], timeout: float, tls: bool) -> T:
+    """Await ``connecting`` (a connection, and its TLS handshake if ``tls``)
+    within ``timeout``; a failure is a :class:`ForwarderUnreachableError`
+    that says why (refused, timed out, certificate not trusted...)."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await connecting
+    except (TimeoutError, asyncio.TimeoutError):
+        what = "connection and TLS handshake" if tls else "connection"
+        raise ForwarderUnreachableError(f"{where}: no {what} within {timeout:g} s") from None
+    except OSError as exc:
+        raise ForwarderUnreachableError(f"{where}: {connect_failure(exc, tls)}") from exc
+
+
+async def read_hello_reply(reader: asyncio.StreamReader, where: str, tls: bool = False) -> Any:
     parser = HelloReplyReader()
     try:
         head = await reader.readexactly(HelloReplyReader.max_size() - 255)
@@ -61,7 +80,7 @@ async def read_hello_reply(reader: asyncio.StreamReader, where: str) -> Any:
         if reply is None:
             reply = parser.feed(await reader.readexactly(head[-1]))
     except asyncio.IncompleteReadError:
-        raise ControlProtocolError(f"{where}: the connection closed during the hello") from None
+        raise ControlProtocolError(f"{where}: {closed_during_hello(tls)}") from None
     except ControlProtocolError as exc:
         raise ControlProtocolError(f"{where}: {exc}") from None
     assert reply is not None
@@ -82,21 +101,22 @@ async def request(
     """Send one client request to a forwarder; returns the connection and the reply.
 
     ``timeout`` bounds the connect and the handshake. Connection failures
-    raise :class:`ForwarderUnreachableError`.
+    raise :class:`ForwarderUnreachableError`. ``ssl``: TLS to the forwarder
+    (see :func:`fastnat.tls.client_tls`; None: the configured default).
     """
     where = _where(host, port)
-    try:
-        async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(host, port, limit=limit, ssl=ssl, local_addr=local_addr)
-    except (TimeoutError, asyncio.TimeoutError):
-        raise ForwarderUnreachableError(f"{where}: no connection within {timeout:g} s") from None
-    except OSError as exc:
-        raise ForwarderUnreachableError(f"{where}: {exc.strerror or exc}") from exc
+    context = client_tls(ssl)
+    reader, writer = await dial(
+        where,
+        asyncio.open_connection(host, port, limit=limit, local_addr=local_addr, **connect_options(context, host, timeout)),
+        timeout,
+        context is not None,
+    )
     try:
         writer.write(encode_hello(ROLE_CLIENT) + encode_request(1, name, value))
 
         async def handshake() -> Reply:
-            hello = await read_hello_reply(reader, where)
+            hello = await read_hello_reply(reader, where, context is not None)
             error = hello_error(hello, where)
             if error is not None:
                 raise error
@@ -110,7 +130,7 @@ async def request(
                 reply = await handshake()
         except (TimeoutError, asyncio.TimeoutError):
             raise ForwarderUnreachableError(f"{where}: no answer within {timeout:g} s") from None
-        except ConnectionError as exc:
+        except (ConnectionError, ssl_module.SSLError) as exc:
             raise ForwarderUnreachableError(f"{where}: {exc}") from exc
         except ControlProtocolError as exc:
             if where in str(exc):
@@ -150,7 +170,10 @@ async def open_connection(
     Shaped like :func:`asyncio.open_connection`; the connection is a plain
     TCP connection to the forwarder, relayed to the server. ``forwarder``
     names one (``"host:port"``); by default the configured ones are tried in
-    order. Statuses raise their own errors (:mod:`fastnat.errors`).
+    order. ``ssl``: TLS to the forwarder, an ``ssl.SSLContext``, a CA file
+    path, True (the system's CAs) or False (plain TCP); None takes the
+    configured default (:mod:`fastnat.tls`). Statuses raise their own errors
+    (:mod:`fastnat.errors`).
     """
     explicit = None if forwarder is None else parse_address(forwarder)
     failures: list[tuple[str, BaseException]] = []
@@ -212,29 +235,33 @@ async def open_transport(
     *,
     forwarder: str | tuple[str, int] | None = None,
     timeout: float = 5.0,
+    ssl: Any = None,
 ) -> tuple[asyncio.Transport, bytes, bool]:
     """Like :func:`open_connection`, but returns the bare TCP transport, the
     bytes the server already sent, and whether it already ended its side
     (FIN), for a protocol to take over (``transport.set_protocol``; reading
     is paused until it calls ``resume_reading``). For relays and tools that
-    splice connections."""
+    splice connections. Over TLS (``ssl``, as for :func:`open_connection`)
+    the transport is asyncio's TLS transport, which cannot half-close."""
     explicit = None if forwarder is None else parse_address(forwarder)
+    context = client_tls(ssl)
     loop = asyncio.get_running_loop()
     failures: list[tuple[str, BaseException]] = []
     async for host, fport in _client_candidates(server_id, explicit, failures):
         where = _where(host, fport)
+        connecting = loop.create_connection(HandshakeBuffer, host, fport, **connect_options(context, host, timeout))
         try:
-            transport, holder = await asyncio.wait_for(loop.create_connection(HandshakeBuffer, host, fport), timeout)
-        except (TimeoutError, asyncio.TimeoutError):
-            failures.append((where, ForwarderUnreachableError(f"{where}: no connection within {timeout:g} s")))
-            continue
-        except OSError as exc:
-            failures.append((where, ForwarderUnreachableError(f"{where}: {exc.strerror or exc}")))
+            transport, holder = await dial(where, connecting, timeout, context is not None)
+        except ForwarderUnreachableError as exc:
+            failures.append((where, exc))
             continue
         try:
             transport.write(encode_hello(ROLE_CLIENT) + encode_request(1, "client_init", {"server": server_id, "port": port}))
             deadline = loop.time() + timeout
-            hello, _ = await holder.read_hello_reply(timeout)
+            try:
+                hello, _ = await holder.read_hello_reply(timeout)
+            except ConnectionError:
+                raise ControlProtocolError(f"{where}: {closed_during_hello(context is not None)}") from None
             error = hello_error(hello, where)
             if error is not None:
                 raise error
@@ -271,15 +298,23 @@ async def _candidates(forwarder: str | tuple[str, int] | None) -> list[tuple[str
     return choose_forwarders()
 
 
-async def _simple_request(forwarder: str | tuple[str, int] | None, name: str, value: Any, timeout: float) -> Any:
+async def _simple_request(
+    forwarder: str | tuple[str, int] | None, name: str, value: Any, timeout: float, ssl: Any = None
+) -> Any:
     failures: list[tuple[str, BaseException]] = []
     for host, port in await _candidates(forwarder):
         try:
-            _reader, writer, reply = await request(host, port, name, value, timeout=timeout)
+            _reader, writer, reply = await request(host, port, name, value, timeout=timeout, ssl=ssl)
         except NATLayerError as exc:
             failures.append((_where(host, port), exc))
             continue
-        writer.close()
+        if writer.get_extra_info("ssl_object") is not None:
+            # The reply is read whole: nothing to wait for, and a TLS close
+            # waits for the peer's close_notify (up to 30 s) before it lets
+            # the socket go.
+            writer.transport.abort()
+        else:
+            writer.close()
         if reply.status != Status.OK:
             failures.append((_where(host, port), reply_error(reply, f"{name} at {_where(host, port)}")))
             continue
@@ -287,19 +322,23 @@ async def _simple_request(forwarder: str | tuple[str, int] | None, name: str, va
     raise combine_failures(name, failures)
 
 
-async def external_address(forwarder: str | tuple[str, int] | None = None, *, timeout: float = 5.0) -> tuple[str, int]:
-    """The address (ip, port) a forwarder sees this host connect from."""
-    value = await _simple_request(forwarder, "externaladdr", None, timeout)
+async def external_address(
+    forwarder: str | tuple[str, int] | None = None, *, timeout: float = 5.0, ssl: Any = None
+) -> tuple[str, int]:
+    """The address (ip, port) a forwarder sees this host connect from
+    (``ssl`` as for :func:`open_connection`)."""
+    value = await _simple_request(forwarder, "externaladdr", None, timeout, ssl)
     return str(value["ip"]), int(value["port"])
 
 
 async def check_bidirectional(
-    local_ip: str, port: int, forwarder: str | tuple[str, int] | None = None, *, timeout: float = 5.0
+    local_ip: str, port: int, forwarder: str | tuple[str, int] | None = None, *, timeout: float = 5.0, ssl: Any = None
 ) -> bool:
     """True when this host needs the NAT layer: a forwarder cannot dial
     ``local_ip:port`` back (the seed's ``nat_check_bi_directional``).
 
-    Listens on ``local_ip:port`` for the forwarder's probe meanwhile.
+    Listens on ``local_ip:port`` for the forwarder's probe meanwhile (the
+    probe is plain TCP; ``ssl`` is for the request to the forwarder).
     """
 
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -314,7 +353,7 @@ async def check_bidirectional(
 
     listener = await asyncio.start_server(echo, local_ip, port)
     try:
-        value = await _simple_request(forwarder, "bidirectional", {"ip": local_ip, "port": port}, timeout)
+        value = await _simple_request(forwarder, "bidirectional", {"ip": local_ip, "port": port}, timeout, ssl)
     finally:
         listener.close()
         await listener.wait_closed()

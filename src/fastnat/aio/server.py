@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastnat.aio._control import FirstMessage, HandshakeBuffer, read_message
-from fastnat.aio.client import combine_failures
+from fastnat.aio.client import combine_failures, dial
 from fastnat.aio.session import MuxSession
 from fastnat.aio.stream import MuxStream, StreamTransport
 from fastnat.discovery import Registry
@@ -53,6 +53,7 @@ from fastnat.protocol import (
     validate_server_id,
 )
 from fastnat.settings import get_settings, parse_address, secret_from_env
+from fastnat.tls import client_tls, closed_during_hello, connect_options
 
 __all__ = ["Registration", "NATServer", "start_server", "ErrorDelegate"]
 
@@ -100,14 +101,9 @@ class _Link:
         where = self.where
         loop = asyncio.get_running_loop()
         settings = get_settings()
-        try:
-            transport, hello = await asyncio.wait_for(
-                loop.create_connection(HandshakeBuffer, host, port), reg._connect_timeout
-            )
-        except (TimeoutError, asyncio.TimeoutError):
-            raise ForwarderUnreachableError(f"{where}: no connection within {reg._connect_timeout:g} s") from None
-        except OSError as exc:
-            raise ForwarderUnreachableError(f"{where}: {exc.strerror or exc}") from exc
+        tls = reg._tls
+        connecting = loop.create_connection(HandshakeBuffer, host, port, **connect_options(tls, host, reg._connect_timeout))
+        transport, hello = await dial(where, connecting, reg._connect_timeout, tls is not None)
         session: MuxSession | None = None
         try:
             transport.write(encode_hello(ROLE_SERVER))
@@ -115,8 +111,8 @@ class _Link:
                 reply, rest = await hello.read_hello_reply(reg._connect_timeout)
             except (TimeoutError, asyncio.TimeoutError):
                 raise ForwarderUnreachableError(f"{where}: no hello within {reg._connect_timeout:g} s") from None
-            except ConnectionError as exc:
-                raise ForwarderUnreachableError(f"{where}: {exc}") from exc
+            except ConnectionError:
+                raise ForwarderUnreachableError(f"{where}: {closed_during_hello(tls is not None)}") from None
             except ControlProtocolError as exc:
                 raise ControlProtocolError(f"{where}: {exc}") from None
             error = hello_error(reply, where)
@@ -208,8 +204,11 @@ class Registration:
         connect_timeout: float = 5.0,
         redundancy: int = 1,
         registry: Registry | None = None,
+        ssl: Any = None,
     ) -> None:
         self.server_id = validate_server_id(server_id)
+        # TLS to the forwarders (see fastnat.tls.client_tls); None: plain TCP.
+        self._tls = client_tls(ssl)
         if type(redundancy) is not int or redundancy < 1:
             raise ValueError(f"redundancy must be a positive integer, got {redundancy!r}")
         if forwarder is not None and redundancy > 1:
@@ -544,8 +543,11 @@ async def get_registration(
     config: MuxConfig | None = None,
     connect_timeout: float = 5.0,
     redundancy: int = 1,
+    ssl: Any = None,
 ) -> Registration:
-    """The running registration of ``server_id`` on this loop, started if need be."""
+    """The running registration of ``server_id`` on this loop, started if need
+    be (``ssl``: TLS to the forwarders, see :func:`fastnat.tls.client_tls`;
+    it applies when the registration starts)."""
     validate_server_id(server_id)
     key = (id(asyncio.get_running_loop()), server_id)
     registration = _registrations.get(key)
@@ -559,6 +561,7 @@ async def get_registration(
         config=config,
         connect_timeout=connect_timeout,
         redundancy=redundancy,
+        ssl=ssl,
     )
     await registration.start()
     _registrations[key] = registration
@@ -628,6 +631,7 @@ async def start_server(
     limit: int = 256 * 1024,
     connect_timeout: float = 5.0,
     redundancy: int = 1,
+    ssl: Any = None,
 ) -> NATServer:
     """Serve ``port`` of ``server_id`` through a forwarder; shaped like
     :func:`asyncio.start_server`.
@@ -638,14 +642,16 @@ async def start_server(
     the loss of its forwarder; ``error_callback(session, where, exc)`` is
     called at each such loss. ``redundancy=N`` holds the id at N forwarders
     at once (found in the registry or the configured list), so that clients
-    reach it through the others when one dies.
+    reach it through the others when one dies. ``ssl``: TLS to the
+    forwarders, an ``ssl.SSLContext``, a CA file path, True (the system's
+    CAs) or False; None takes the configured default (:mod:`fastnat.tls`).
     """
     if isinstance(forwarder, str):
         forwarder = parse_address(forwarder)
     secret_bytes = secret.encode() if isinstance(secret, str) else secret
     registration = await get_registration(
         server_id, forwarder=forwarder, secret=secret_bytes, persist=persist, config=config,
-        connect_timeout=connect_timeout, redundancy=redundancy,
+        connect_timeout=connect_timeout, redundancy=redundancy, ssl=ssl,
     )
     if error_callback is not None:
         registration.error_delegates.append(error_callback)

@@ -43,9 +43,9 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import secrets
 import socket
+import ssl as ssl_module
 import urllib.parse
 from collections.abc import Mapping
 from typing import Any
@@ -89,6 +89,7 @@ from fastnat.protocol import (
     registry_write_proof,
 )
 from fastnat.settings import SERVER_KEY_PREFIX, get_settings, secret_from_env
+from fastnat.tls import client_tls, connect_failure, connect_options
 
 __all__ = ["RegistryLimits", "RegistryService", "RegistryServer", "ServiceRegistry", "DEFAULT_TIMEOUT"]
 
@@ -601,6 +602,8 @@ class RegistryServer:
             self.host,
             self.requested_port,
             ssl=self.ssl,
+            # The TLS handshake gets the time a hello gets.
+            ssl_handshake_timeout=self.service.limits.handshake_timeout if self.ssl is not None else None,
         )
         log.info("registry listening on %s", ", ".join(f"{a[0]}:{a[1]}" for a in self.addresses))
 
@@ -617,11 +620,12 @@ class RegistryServer:
 
     @property
     def url(self) -> str:
-        """``fastnat://host:port`` of the first address (after :meth:`start`)."""
+        """``fastnat://host:port`` (``fastnats://`` with TLS) of the first address (after :meth:`start`)."""
         host, port = self.addresses[0]
         if host in ("0.0.0.0", "::"):
             host = "127.0.0.1"
-        return f"fastnat://[{host}]:{port}" if ":" in host else f"fastnat://{host}:{port}"
+        scheme = "fastnats" if self.ssl is not None else "fastnat"
+        return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
     async def serve_forever(self) -> None:
         await self.start()
@@ -665,8 +669,8 @@ def _parse_url(url: str) -> tuple[str, int, float | None]:
     if not isinstance(url, str):
         raise ValueError(f"a registry URL must be a string, not {type(url).__name__}")
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme.lower() != "fastnat":
-        raise ValueError(f"not a fastnat:// registry URL: {url!r}")
+    if parts.scheme.lower() not in ("fastnat", "fastnats"):
+        raise ValueError(f"not a fastnat:// or fastnats:// registry URL: {url!r}")
     try:
         host, port = parts.hostname, parts.port
     except ValueError as exc:
@@ -688,20 +692,18 @@ def _parse_url(url: str) -> tuple[str, int, float | None]:
     return host, port, timeout
 
 
-def _describe(exc: BaseException) -> str:
-    """``Connection refused`` rather than asyncio's ``Connect call failed (...)``."""
-    errno = getattr(exc, "errno", None)
-    if isinstance(errno, int) and errno:
-        return os.strerror(errno)
-    return str(exc) or type(exc).__name__
-
-
 class _StaleConnection(Exception):
     """A reused connection failed before answering: worth one more try."""
 
 
 class ServiceRegistry(Registry):
     """Client of the registry service at ``fastnat://host:port[?timeout=seconds]``.
+
+    ``fastnats://host:port`` is the same over TLS: the service's certificate
+    is verified against ``ssl`` (an ``ssl.SSLContext``, a CA file path or
+    True for the system's CAs), by default the process's TLS setting
+    (:func:`fastnat.configure`\\ ``(tls=...)``, ``FASTNAT_TLS_CA``), else the
+    system's CAs. A ``fastnat://`` URL is always plain TCP.
 
     It keeps one connection open and sends requests on it one at a time (a
     lock serializes concurrent calls). A connection that was lost since its
@@ -718,7 +720,9 @@ class ServiceRegistry(Registry):
     from another loop drops the old connection and makes a new one).
     """
 
-    def __init__(self, url: str, *, timeout: float | None = None, secret: bytes | str | None = None) -> None:
+    def __init__(
+        self, url: str, *, timeout: float | None = None, ssl: Any = None, secret: bytes | str | None = None
+    ) -> None:
         host, port, url_timeout = _parse_url(url)
         if timeout is None:
             timeout = url_timeout if url_timeout is not None else DEFAULT_TIMEOUT
@@ -729,7 +733,11 @@ class ServiceRegistry(Registry):
         self.port = port
         self.timeout = float(timeout)
         shown = f"[{host}]" if ":" in host else host
-        self.where = f"registry fastnat://{shown}:{port}"
+        scheme = urllib.parse.urlsplit(url).scheme.lower()
+        self.tls: ssl_module.SSLContext | None = None
+        if scheme == "fastnats":
+            self.tls = client_tls(ssl) or client_tls(True)
+        self.where = f"registry {scheme}://{shown}:{port}"
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -865,7 +873,7 @@ class ServiceRegistry(Registry):
             self._forget()
             if reused:
                 raise _StaleConnection(str(exc)) from None
-            raise RegistryUnavailableError(f"{self.where}: {_describe(exc)}") from None
+            raise RegistryUnavailableError(f"{self.where}: {connect_failure(exc, self.tls is not None)}") from None
         except BaseException:
             # Cancelled (or worse) mid-request: the reply may still come, so
             # the connection is out of step; drop it.
@@ -888,12 +896,13 @@ class ServiceRegistry(Registry):
     async def _connect(self) -> None:
         try:
             self._reader, self._writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port), self.timeout
+                asyncio.open_connection(self.host, self.port, **connect_options(self.tls, self.host, self.timeout)),
+                self.timeout,
             )
         except (TimeoutError, asyncio.TimeoutError):
             raise RegistryUnavailableError(f"{self.where}: no connection within {self.timeout:g} s") from None
         except OSError as exc:
-            raise RegistryUnavailableError(f"{self.where}: {_describe(exc)}") from None
+            raise RegistryUnavailableError(f"{self.where}: {connect_failure(exc, self.tls is not None)}") from None
 
     async def _read_reply(self, reader: asyncio.StreamReader, fresh: bool) -> Reply:
         if fresh:
@@ -917,8 +926,11 @@ class ServiceRegistry(Registry):
             hello = parser.feed(head)
             if hello is None:  # the versions the service speaks follow
                 hello = parser.feed(await reader.readexactly(head[-1]))
-        except asyncio.IncompleteReadError:
-            raise RegistryUnavailableError(f"{self.where}: the connection closed during the hello") from None
+        except (asyncio.IncompleteReadError, ConnectionResetError):
+            closed = "the connection closed during the hello"
+            if self.tls is None:
+                closed += " (if the registry serves TLS, use a fastnats:// URL)"
+            raise RegistryUnavailableError(f"{self.where}: {closed}") from None
         except ControlProtocolError as exc:
             raise ControlProtocolError(f"{self.where}: not a fastnat registry ({exc})") from None
         assert hello is not None

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import socket
+import ssl
 import sys
 import threading
 from collections.abc import Callable
@@ -145,6 +146,8 @@ def stdio(
 
     End of input half-closes the connection (the server sees end of stream
     and may still answer); the call returns once the server has finished.
+    Over TLS (an ``ssl.SSLSocket``) there is no half-close: end of input is
+    not passed on, and the call returns once the server closes.
     """
     stdin = stdin or sys.stdin.buffer
     stdout = stdout or sys.stdout.buffer
@@ -162,7 +165,8 @@ def stdio(
                     break
                 sock.sendall(chunk)
                 sending.clear()
-            sock.shutdown(socket.SHUT_WR)
+            if not isinstance(sock, ssl.SSLSocket):  # SSLSocket.shutdown would end TLS under the reader
+                sock.shutdown(socket.SHUT_WR)
         except OSError as exc:
             if not finished.is_set():  # not the socket closed under it below
                 errors.append(exc)
