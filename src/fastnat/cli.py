@@ -194,7 +194,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="address servers and clients reach this forwarder at, HOST or HOST:PORT ($FASTNAT_ADVERTISE; "
                    "default: the listening address, or this host's address on its default route)")
     p.add_argument("--no-embedded-registry", action="store_true", help="do not host the built-in registry service")
-    p.add_argument("--stats-detail", choices=STATS_DETAIL_POLICIES, default="local",
+    p.add_argument("--stats-detail", choices=STATS_DETAIL_POLICIES, default="local", metavar="WHO",
                    help="who sees the per-server part of 'fastnat status' (ids, ports, server addresses): "
                    "callers on this host (local, the default), all, or none")
     _add_tls_server_options(p)

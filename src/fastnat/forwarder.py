@@ -64,6 +64,7 @@ from fastnat.ratelimit import AddressCounts
 from fastnat.server_quota import ServerQuota
 from fastnat.settings import FORWARDER_KEY, get_settings
 from fastnat.splice import Splice
+from fastnat.tls import SHUTDOWN_TIMEOUT
 
 __all__ = ["Forwarder", "ForwarderLimits", "load_secrets"]
 
@@ -440,7 +441,8 @@ class _Handshake(asyncio.Protocol):
         fwd = self.fwd
         try:
             await asyncio.get_running_loop().connect_accepted_socket(
-                lambda: self, sock, ssl=fwd.ssl, ssl_handshake_timeout=fwd.limits.handshake_timeout
+                lambda: self, sock, ssl=fwd.ssl, ssl_handshake_timeout=fwd.limits.handshake_timeout,
+                ssl_shutdown_timeout=SHUTDOWN_TIMEOUT,
             )
         except asyncio.CancelledError:
             if not self.tls_up:

@@ -25,6 +25,7 @@ from typing import Any
 __all__ = [
     "TLS_CA_ENV",
     "TLS_ENV",
+    "SHUTDOWN_TIMEOUT",
     "TLSConfigError",
     "client_context",
     "client_tls",
@@ -38,6 +39,10 @@ TLS_ENV = "FASTNAT_TLS"
 # The oldest protocol either side accepts: TLS 1.0 and 1.1 are deprecated
 # (RFC 8996).
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
+# Closing a TLS connection waits for the peer's close_notify, one round trip;
+# asyncio waits 30 s by default, which lets a peer that never answers hold a
+# descriptor that long. 5 s is many round trips on any link.
+SHUTDOWN_TIMEOUT = 5.0
 
 
 class TLSConfigError(ValueError):
@@ -176,7 +181,12 @@ def connect_options(context: ssl.SSLContext | None, host: str, timeout: float) -
     """
     if context is None:
         return {}
-    return {"ssl": context, "server_hostname": host, "ssl_handshake_timeout": timeout}
+    return {
+        "ssl": context,
+        "server_hostname": host,
+        "ssl_handshake_timeout": timeout,
+        "ssl_shutdown_timeout": SHUTDOWN_TIMEOUT,
+    }
 
 
 def can_half_close(transport: Any) -> bool:

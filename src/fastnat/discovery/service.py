@@ -89,7 +89,7 @@ from fastnat.protocol import (
     registry_write_proof,
 )
 from fastnat.settings import SERVER_KEY_PREFIX, get_settings, secret_from_env
-from fastnat.tls import client_tls, connect_failure, connect_options
+from fastnat.tls import SHUTDOWN_TIMEOUT, client_tls, connect_failure, connect_options
 
 __all__ = ["RegistryLimits", "RegistryService", "RegistryServer", "ServiceRegistry", "DEFAULT_TIMEOUT"]
 
@@ -604,6 +604,7 @@ class RegistryServer:
             ssl=self.ssl,
             # The TLS handshake gets the time a hello gets.
             ssl_handshake_timeout=self.service.limits.handshake_timeout if self.ssl is not None else None,
+            ssl_shutdown_timeout=SHUTDOWN_TIMEOUT if self.ssl is not None else None,
         )
         log.info("registry listening on %s", ", ".join(f"{a[0]}:{a[1]}" for a in self.addresses))
 
