@@ -700,6 +700,10 @@ class DrivenSession:
         with self._lock:
             if self._dead():
                 return
+            if self._keepalive_ping is not None:  # the last one is still out: its deadline decides
+                assert self._keepalive_interval is not None
+                self._arm("keepalive", self._keepalive_interval, self._send_keepalive)
+                return
             opaque = self._engine.ping()
             self._keepalive_ping = opaque
             self._pings[opaque] = (time.monotonic(), [])
