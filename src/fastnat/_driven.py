@@ -298,7 +298,8 @@ class DrivenSession:
         self._flush(block=False)
         with self._lock:
             self._shutdown_socket()
-            self._closed_cond.wait_for(lambda: self._sock_closed, timeout)
+            if not _on_loop(self._loop):  # the loop closes the socket: it cannot wait for itself
+                self._closed_cond.wait_for(lambda: self._sock_closed, timeout)
         self._cancel_timers_soon()
 
     def close_at_exit(self) -> None:
@@ -374,15 +375,28 @@ class DrivenSession:
             if stream.error is not None:
                 raise _as_connection_error(stream.error)
             self._raise_if_dead()
+        taken: list[int] = []
+
+        def encode() -> BaseException | None:
+            # Lock and write role held, the socket writable: frames go
+            # straight out (they fit in the kernel's buffer, mostly).
+            if stream.error is not None:
+                return _as_connection_error(stream.error)
+            if self._dead():
+                return ConnectionAbortedError("the session is closed") if self._error is None else self._lost_error()
             try:
-                n: int = engine.send_data(stream_id, view)
+                taken.append(engine.send_data(stream_id, view))
             except StreamClosedError as exc:
-                raise BrokenPipeError(errno.EPIPE, str(exc)) from exc
-        self._flush(block=True)
+                return BrokenPipeError(errno.EPIPE, str(exc))
+            return None
+
+        failure = self._flush(block=True, encode=encode)
+        if failure is not None:
+            raise failure
         with self._lock:
             if self._error is not None:
-                raise _as_connection_error(self._lost_error())
-        return n
+                raise self._lost_error()
+        return taken[0] if taken else 0
 
     def write_eof(self, stream: DrivenStream) -> None:
         with self._lock:
@@ -612,13 +626,25 @@ class DrivenSession:
 
     # ------------------------------------------------------- the write role
 
-    def _flush(self, *, block: bool) -> None:
+    def _flush(
+        self, *, block: bool, encode: Callable[[], BaseException | None] | None = None
+    ) -> BaseException | None:
         """Write what the engine queued (lock not held). ``block``: wait for
         the write role and for the socket; otherwise write what the kernel
-        takes at once and leave the rest to the next writer."""
+        takes at once and leave the rest to the next writer. ``encode``
+        (blocking only) queues frames once the role is held and the socket
+        writable, so that they go out without being copied again; what it
+        returns (an error) is returned."""
         while self._write_role.acquire(block):
             stuck = False
             try:
+                if encode is not None:
+                    if not self._sock_shut:
+                        self._write_poller.poll()
+                    with self._lock:
+                        failure, encode = encode(), None
+                    if failure is not None:
+                        return failure
                 while True:
                     with self._lock:
                         rest = self._write_some()
@@ -638,11 +664,12 @@ class DrivenSession:
             except OSError as exc:
                 with self._lock:
                     self._connection_failed(exc)
-                return
+                return None
             finally:
                 self._write_role.release()
             if stuck or self._sock_shut or not (self._unsent is not None or self._engine.bytes_to_send):
-                return
+                return None
+        return None
 
     def _write_some(self) -> memoryview | None:
         """With the lock and the write role: write what the kernel takes now;
@@ -872,6 +899,13 @@ class DrivenSession:
             self._write_poller.unregister(self._fd)
             self._sock.close()
             self._closed_cond.notify_all()
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
 
 
 def _deadline(timeout: float | None) -> float | None:

@@ -1,16 +1,25 @@
 """Blocking sessions and socket-like streams, for code without an event loop.
 
-One background thread per process runs an event loop (uvloop when installed),
-started on first use and stopped at interpreter exit. :class:`BlockingSession`
-wraps a :class:`fastnat.aio.MuxSession` living on that loop, and each stream is
-a :class:`StreamSocket`: an object with the methods a ``socket.socket`` user
-reaches for (``send``, ``sendall``, ``recv``, ``recv_into``, ``shutdown``,
-``settimeout``, ``makefile``...). One reader thread and one writer thread may
-use a stream at the same time.
+Each stream is a :class:`StreamSocket`: an object with the methods a
+``socket.socket`` user reaches for (``send``, ``sendall``, ``recv``,
+``recv_into``, ``shutdown``, ``settimeout``, ``makefile``...). One reader
+thread and one writer thread may use a stream at the same time. Its session
+is one of two kinds:
 
-Data crosses threads through a bounded buffer on each side, so a thread that
-stops reading stops the peer (window credit is withheld) and a thread that
-writes faster than the stream can carry blocks in ``sendall``.
+* made by :meth:`BlockingSession.connect` or :meth:`BlockingSession.from_socket`:
+  driven by the threads that use it (:mod:`fastnat._driven`). A thread blocked
+  on a stream reads the connection itself and a sending thread writes to it;
+  no other thread touches the data;
+* made from a :class:`fastnat.aio.MuxSession` (``BlockingSession(session)``,
+  TLS, the NAT layer's streams): the session lives on the background loop and
+  data crosses threads through a bounded buffer on each side (a :class:`_Bridge`).
+
+Either way a thread that stops reading stops the peer (window credit is
+withheld) and a thread that writes faster than the stream can carry blocks in
+``sendall``. One background thread per process runs an event loop (uvloop
+when installed), started on first use and stopped at interpreter exit: the
+loop-owned sessions, and the driven sessions' timers (keepalive, and reading
+while no application thread does).
 """
 
 from __future__ import annotations
