@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import math
 import select
 import socket
@@ -48,6 +49,8 @@ from fastnat.errors import MuxError, ProtocolError, StreamClosedError
 from fastnat.mux_config import MuxConfig
 
 __all__ = ["DrivenSession", "DrivenStream", "live_driven_sessions"]
+
+log = logging.getLogger("fastnat.blocking")
 
 _DataReceived = mux.DataReceived
 _WindowUpdated = mux.WindowUpdated
@@ -466,9 +469,13 @@ class DrivenSession:
                 if self._dead():
                     return True
                 if not self._reading:
-                    if not self._drive(deadline) and not ready():
-                        return False
-                    continue
+                    if not (background and self._waiting):
+                        if not self._drive(deadline) and not ready():
+                            return False
+                        continue
+                    # An acceptor leaves the reading to the threads waiting
+                    # on streams: their data then needs no hand-over.
+                    next(iter(self._waiting)).notify()
                 timeout = None if deadline is None else deadline - time.monotonic()
                 if timeout is not None and timeout <= 0:
                     return False
@@ -843,14 +850,22 @@ class DrivenSession:
                 self._write_some()  # the Go Away the engine queued, if it fits now
             finally:
                 self._write_role.release()
-        self._shutdown_socket()
-        self._cancel_timers_soon()
+        # The callback runs on the loop (never under this lock), before the
+        # socket is closed there: once ``closed`` is True it has been called.
         callback, self._error_callback = self._error_callback, None
         if callback is not None and not self._exiting:
             try:
-                self._loop.call_soon_threadsafe(callback, self, where, exc)
+                self._loop.call_soon_threadsafe(self._call_error_callback, callback, where, exc)
             except RuntimeError:
                 pass  # the loop is closed: interpreter exit
+        self._shutdown_socket()
+        self._cancel_timers_soon()
+
+    def _call_error_callback(self, callback: Callable[..., Any], where: str, exc: BaseException) -> None:
+        try:
+            callback(self, where, exc)
+        except Exception:
+            log.exception("the session's error callback failed")
 
     def _shutdown_streams(self, exc: BaseException) -> None:
         streams = list(self._streams.values()) + list(self._accept_queue)
