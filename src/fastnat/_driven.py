@@ -187,10 +187,12 @@ class DrivenSession:
         self._read_poller.register(self._fd, select.POLLIN)
         self._write_poller = select.poll()  # by the write role's
         self._write_poller.register(self._fd, select.POLLOUT)
+        self._read_write_poller = select.poll()  # by the read role's, while something is left unsent
+        self._read_write_poller.register(self._fd, select.POLLIN | select.POLLOUT)
         self._streams: dict[int, DrivenStream] = {}
         self._accept_queue: deque[DrivenStream] = deque()
         self._unsent: memoryview | None = None  # what a non-blocking write left, goes first
-        self._leftover: bytes | None = None
+        self._leftover: bytes | None = None  # what the kernel did not take of one engine flush
         self._pings: dict[int, tuple[float, list[float]]] = {}
         self._ping_conds: dict[int, threading.Condition] = {}  # ping() callers waiting for an answer
         self._keepalive_ping: int | None = None
@@ -373,7 +375,8 @@ class DrivenSession:
             def ready() -> bool:
                 return stream.error is not None or self._dead() or engine.send_window(stream_id) > 0
 
-            if not ready() and not self._wait(stream.writable, ready, _deadline(timeout)):
+            deadline = _deadline(timeout)
+            if not ready() and not self._wait(stream.writable, ready, deadline):
                 raise _timed_out(timeout, "the stream's send window is full")
             if stream.error is not None:
                 raise _as_connection_error(stream.error)
@@ -393,7 +396,7 @@ class DrivenSession:
                 return BrokenPipeError(errno.EPIPE, str(exc))
             return None
 
-        failure = self._flush(block=True, encode=encode)
+        failure = self._flush(block=True, encode=encode, deadline=deadline, timeout=timeout)
         if failure is not None:
             raise failure
         with self._lock:
@@ -539,19 +542,27 @@ class DrivenSession:
                 return self._sock.recv_into(self._buffer, 0, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 pass
+            # While a timed-out writer's frame is left unsent, the reader
+            # also finishes writing it once the socket takes more.
+            idle_writer = self._unsent is not None and not self._write_role.locked()
+            poller = self._read_write_poller if idle_writer else self._read_poller
             if deadline is None:
-                self._read_poller.poll()
+                events = poller.poll()
             else:
                 wait_ms = math.ceil((deadline - time.monotonic()) * 1000)
-                if wait_ms <= 0 or not self._read_poller.poll(wait_ms):
+                if wait_ms <= 0 or not (events := poller.poll(wait_ms)):
                     return None
+            if any(mask & select.POLLOUT for _fd, mask in events):
+                self._flush(block=False)
 
-    def _sendall(self, data: memoryview) -> None:
-        """Write all of ``data``, waiting for the socket (write role held)."""
+    def _sendall(self, data: memoryview, deadline: float | None) -> memoryview | None:
+        """Write all of ``data``, waiting for the socket (write role held);
+        what is left if ``deadline`` passes first."""
         while data:
             data = data[self._send_now(data) :]
-            if data:
-                self._write_poller.poll()
+            if data and not self._socket_writable(deadline):
+                return data
+        return None
 
     def _receive(self, data: memoryview) -> None:
         """Feed the engine what was read and dispatch its events (lock held)."""
@@ -634,20 +645,26 @@ class DrivenSession:
     # ------------------------------------------------------- the write role
 
     def _flush(
-        self, *, block: bool, encode: Callable[[], BaseException | None] | None = None
+        self,
+        *,
+        block: bool,
+        encode: Callable[[], BaseException | None] | None = None,
+        deadline: float | None = None,
+        timeout: float | None = None,
     ) -> BaseException | None:
         """Write what the engine queued (lock not held). ``block``: wait for
         the write role and for the socket; otherwise write what the kernel
         takes at once and leave the rest to the next writer. ``encode``
         (blocking only) queues frames once the role is held and the socket
         writable, so that they go out without being copied again; what it
-        returns (an error) is returned."""
+        returns (an error) is returned, as is the timeout error if the socket
+        stays full until ``deadline`` (then nothing was queued)."""
         while self._write_role.acquire(block):
             stuck = False
             try:
                 if encode is not None:
-                    if not self._sock_shut:
-                        self._write_poller.poll()
+                    if not self._sock_shut and not self._socket_writable(deadline):
+                        return _timed_out(timeout, "the connection's send buffer is full")
                     with self._lock:
                         failure, encode = encode(), None
                     if failure is not None:
@@ -663,11 +680,15 @@ class DrivenSession:
                             break
                         self._io_busy += 1
                     try:
-                        self._sendall(rest)
+                        rest = self._sendall(rest, deadline)
                     finally:
                         with self._lock:
                             self._io_busy -= 1
                             self._release_socket()
+                            if rest is not None:  # timed out mid-frame: it goes first, later
+                                self._unsent = rest
+                    if rest is not None:
+                        return _timed_out(timeout, "the connection's send buffer is full")
             except OSError as exc:
                 with self._lock:
                     self._connection_failed(exc)
@@ -677,6 +698,13 @@ class DrivenSession:
             if stuck or self._sock_shut or not (self._unsent is not None or self._engine.bytes_to_send):
                 return None
         return None
+
+    def _socket_writable(self, deadline: float | None) -> bool:
+        if deadline is None:
+            self._write_poller.poll()
+            return True
+        wait_ms = max(0, math.ceil((deadline - time.monotonic()) * 1000))
+        return bool(self._write_poller.poll(wait_ms))
 
     def _write_some(self) -> memoryview | None:
         """With the lock and the write role: write what the kernel takes now;
@@ -910,8 +938,8 @@ class DrivenSession:
                 except (RuntimeError, ValueError, OSError):
                     pass
             self._sock_closed = True
-            self._read_poller.unregister(self._fd)
-            self._write_poller.unregister(self._fd)
+            for poller in (self._read_poller, self._write_poller, self._read_write_poller):
+                poller.unregister(self._fd)
             self._sock.close()
             self._closed_cond.notify_all()
 

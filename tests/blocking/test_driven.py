@@ -240,3 +240,28 @@ def test_a_loop_backed_session_and_a_driven_one_talk(aio_engine: str) -> None:
                 s.close()
     finally:
         listener.close()
+
+
+def test_sendall_times_out_when_the_connection_is_full(aio_engine: str) -> None:
+    """The peer never reads its socket and the kernel's buffers are smaller
+    than a window: sendall() waits for the socket, not for credit, and
+    still raises TimeoutError after the stream's timeout."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # inherited by the accepted socket
+    listener.bind((LOOPBACK, 0))
+    listener.listen(1)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    try:
+        sock.connect(listener.getsockname())
+        silent, _ = listener.accept()
+        with silent, BlockingSession.from_socket(sock, client=True) as session:
+            stream = session.open_stream()
+            stream.settimeout(0.3)
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                stream.sendall(bytes(200 * 1024))  # within the first window (256 KiB)
+            assert time.monotonic() - started < 3
+            stream.close()
+    finally:
+        listener.close()
