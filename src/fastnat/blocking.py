@@ -1,16 +1,25 @@
 """Blocking sessions and socket-like streams, for code without an event loop.
 
-One background thread per process runs an event loop (uvloop when installed),
-started on first use and stopped at interpreter exit. :class:`BlockingSession`
-wraps a :class:`fastnat.aio.MuxSession` living on that loop, and each stream is
-a :class:`StreamSocket`: an object with the methods a ``socket.socket`` user
-reaches for (``send``, ``sendall``, ``recv``, ``recv_into``, ``shutdown``,
-``settimeout``, ``makefile``...). One reader thread and one writer thread may
-use a stream at the same time.
+Each stream is a :class:`StreamSocket`: an object with the methods a
+``socket.socket`` user reaches for (``send``, ``sendall``, ``recv``,
+``recv_into``, ``shutdown``, ``settimeout``, ``makefile``...). One reader
+thread and one writer thread may use a stream at the same time. Its session
+is one of two kinds:
 
-Data crosses threads through a bounded buffer on each side, so a thread that
-stops reading stops the peer (window credit is withheld) and a thread that
-writes faster than the stream can carry blocks in ``sendall``.
+* made by :meth:`BlockingSession.connect` or :meth:`BlockingSession.from_socket`:
+  driven by the threads that use it (:mod:`fastnat._driven`). A thread blocked
+  on a stream reads the connection itself and a sending thread writes to it;
+  no other thread touches the data;
+* made from a :class:`fastnat.aio.MuxSession` (``BlockingSession(session)``,
+  TLS, the NAT layer's streams): the session lives on the background loop and
+  data crosses threads through a bounded buffer on each side (a :class:`_Bridge`).
+
+Either way a thread that stops reading stops the peer (window credit is
+withheld) and a thread that writes faster than the stream can carry blocks in
+``sendall``. One background thread per process runs an event loop (uvloop
+when installed), started on first use and stopped at interpreter exit: the
+loop-owned sessions, and the driven sessions' timers (keepalive, and reading
+while no application thread does).
 """
 
 from __future__ import annotations
@@ -24,8 +33,9 @@ import socket
 import threading
 from collections import deque
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
+from fastnat._driven import DrivenSession, DrivenStream, _as_connection_error, _timed_out, live_driven_sessions
 from fastnat.aio._loop import new_event_loop
 from fastnat.aio.session import MuxSession
 from fastnat.aio.stream import StreamTransport
@@ -129,6 +139,8 @@ async def _close_sessions(timeout: float) -> None:
     global _exiting
     _exiting = True
     loop = asyncio.get_running_loop()
+    for driven in live_driven_sessions():
+        driven.close_at_exit()
     sessions = [s for s in live_sessions() if s._loop is loop and not s.closed]
     for session in sessions:
         session.close()
@@ -314,6 +326,95 @@ class _Bridge(asyncio.Protocol):
         except RuntimeError:  # the loop is closed (interpreter exit)
             raise ConnectionAbortedError("the fastnat loop has stopped") from None
 
+    def recv(self, bufsize: int, timeout: float | None) -> bytes:
+        with self.lock:
+            self._wait_readable(timeout)
+            if not self.rsize:
+                if self.error is not None:
+                    raise _as_connection_error(self.error)
+                return b""
+            data = self.take(bufsize)
+            resume = self.reading_paused and self.rsize < RECV_BUFFER_LIMIT // 2
+        if resume:
+            self.call(self.do_resume_reading)
+        return data
+
+    def recv_into(self, view: memoryview, timeout: float | None) -> int:
+        with self.lock:
+            self._wait_readable(timeout)
+            if not self.rsize:
+                if self.error is not None:
+                    raise _as_connection_error(self.error)
+                return 0
+            n = self.take_into(view)
+            resume = self.reading_paused and self.rsize < RECV_BUFFER_LIMIT // 2
+        if resume:
+            self.call(self.do_resume_reading)
+        return n
+
+    def _wait_readable(self, timeout: float | None) -> None:
+        """Wait (lock held) until data, EOF or an error is there."""
+        if not _deadline_wait(self.readable, timeout, lambda: self.rsize > 0 or self.eof):
+            raise _timed_out(timeout, "no data is ready on the stream")
+
+    def send(self, view: memoryview, timeout: float | None) -> int:
+        limit = SEND_BUFFER_LIMIT
+        with self.lock:
+
+            def ready() -> bool:
+                return self.lost or self.error is not None or (self.queued < limit and not self.write_paused)
+
+            if not _deadline_wait(self.writable, timeout, ready):
+                raise _timed_out(timeout, "the stream's buffer is full")
+            if self.error is not None:
+                raise _as_connection_error(self.error)
+            if self.lost:
+                raise BrokenPipeError(errno.EPIPE, "the stream is closed")
+            n = min(len(view), limit - self.queued)
+            self.queued += n  # reserved: the copy below happens without the lock
+        pieces = _copy_to_pieces(view[:n])
+        with self.lock:
+            self.outbox.extend(pieces)
+            schedule = not self.flush_scheduled
+            self.flush_scheduled = True
+        if schedule:
+            self.call(self.do_flush)
+        return n
+
+    def write_eof(self) -> None:
+        self.call(self.transport.write_eof)
+
+    def shut_read(self) -> None:
+        """SHUT_RD: drop what is buffered, and read on (what arrives is dropped)."""
+        with self.lock:
+            self.drop_received()
+            self.readable.notify_all()
+            paused = self.reading_paused
+            self.reading_paused = False
+        if paused:
+            self.call(self.transport.resume_reading)
+
+    def close(self) -> None:
+        with self.lock:
+            self.readable.notify_all()
+            self.writable.notify_all()
+        try:
+            self.call(self.transport.close)
+        except ConnectionAbortedError:
+            pass
+
+
+class _StreamBackend(Protocol):
+    """What a StreamSocket drives: a stream of a loop-owned session
+    (:class:`_Bridge`) or of a thread-driven one (:class:`DrivenStream`)."""
+
+    def recv(self, bufsize: int, timeout: float | None) -> bytes: ...
+    def recv_into(self, view: memoryview, timeout: float | None) -> int: ...
+    def send(self, view: memoryview, timeout: float | None) -> int: ...
+    def write_eof(self) -> None: ...
+    def shut_read(self) -> None: ...
+    def close(self) -> None: ...
+
 
 def _deadline_wait(cond: threading.Condition, timeout: float | None, ready: Callable[[], bool]) -> bool:
     """Wait on ``cond`` (held) until ``ready()``; False on timeout."""
@@ -333,8 +434,10 @@ class StreamSocket:
     descriptor to select on.
     """
 
-    def __init__(self, bridge: _Bridge, extra: dict[str, Any]) -> None:
-        self._bridge = bridge
+    def __init__(self, backend: _StreamBackend, extra: dict[str, Any]) -> None:
+        # The stream underneath: a _Bridge to a loop-owned session's stream,
+        # or a DrivenStream (the name is older than the second kind).
+        self._bridge = backend
         self._timeout: float | None = None
         self._closed = False  # close() was called
         self._released = False  # the stream is closed: close() with no file objects left open
@@ -394,18 +497,10 @@ class StreamSocket:
             raise OSError(errno.EOPNOTSUPP, "recv flags are not supported on a fastnat stream")
         if bufsize == 0:
             return b""  # as a socket does: nothing asked, nothing waited for
-        bridge = self._bridge
-        with bridge.lock:
-            self._wait_readable()
-            if not bridge.rsize:
-                if bridge.error is not None and not self._shut_rd:
-                    raise _as_connection_error(bridge.error)
-                return b""
-            data = bridge.take(bufsize)
-            resume = bridge.reading_paused and bridge.rsize < RECV_BUFFER_LIMIT // 2
-        if resume:
-            bridge.call(bridge.do_resume_reading)
-        return data
+        if self._shut_rd:
+            self._bridge.shut_read()
+            return b""
+        return self._bridge.recv(bufsize, self._timeout)
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         view = memoryview(buffer).cast("B")
@@ -418,29 +513,10 @@ class StreamSocket:
             raise OSError(errno.EOPNOTSUPP, "recv flags are not supported on a fastnat stream")
         if nbytes == 0:
             return 0
-        bridge = self._bridge
-        with bridge.lock:
-            self._wait_readable()
-            if not bridge.rsize:
-                if bridge.error is not None and not self._shut_rd:
-                    raise _as_connection_error(bridge.error)
-                return 0
-            n = bridge.take_into(view[:nbytes])
-            resume = bridge.reading_paused and bridge.rsize < RECV_BUFFER_LIMIT // 2
-        if resume:
-            bridge.call(bridge.do_resume_reading)
-        return n
-
-    def _wait_readable(self) -> None:
-        """Wait (lock held) until data, EOF or an error is there."""
-        bridge = self._bridge
         if self._shut_rd:
-            bridge.drop_received()
-            return
-        if not _deadline_wait(bridge.readable, self._timeout, lambda: bridge.rsize > 0 or bridge.eof):
-            if self._timeout == 0.0:
-                raise BlockingIOError(errno.EAGAIN, "no data is ready on the stream")
-            raise TimeoutError("timed out")
+            self._bridge.shut_read()
+            return 0
+        return self._bridge.recv_into(view[:nbytes], self._timeout)
 
     # -------------------------------------------------------------- writing
 
@@ -448,41 +524,18 @@ class StreamSocket:
         view = memoryview(data).cast("B")
         offset = 0
         while offset < len(view):
-            offset += self._send_some(view[offset:], SEND_BUFFER_LIMIT)
+            offset += self._send_some(view[offset:])
 
     def send(self, data: Any, flags: int = 0) -> int:
-        return self._send_some(memoryview(data).cast("B"), SEND_BUFFER_LIMIT)
+        return self._send_some(memoryview(data).cast("B"))
 
-    def _send_some(self, view: memoryview, limit: int) -> int:
+    def _send_some(self, view: memoryview) -> int:
         self._check_open()
         if self._shut_wr:
             raise BrokenPipeError(errno.EPIPE, "the stream was shut down for writing")
         if not view:
             return 0
-        bridge = self._bridge
-        with bridge.lock:
-
-            def ready() -> bool:
-                return bridge.lost or bridge.error is not None or (bridge.queued < limit and not bridge.write_paused)
-
-            if not _deadline_wait(bridge.writable, self._timeout, ready):
-                if self._timeout == 0.0:
-                    raise BlockingIOError(errno.EAGAIN, "the stream's buffer is full")
-                raise TimeoutError("timed out")
-            if bridge.error is not None:
-                raise _as_connection_error(bridge.error)
-            if bridge.lost:
-                raise BrokenPipeError(errno.EPIPE, "the stream is closed")
-            n = min(len(view), limit - bridge.queued)
-            bridge.queued += n  # reserved: the copy below happens without the lock
-        pieces = _copy_to_pieces(view[:n])
-        with bridge.lock:
-            bridge.outbox.extend(pieces)
-            schedule = not bridge.flush_scheduled
-            bridge.flush_scheduled = True
-        if schedule:
-            bridge.call(bridge.do_flush)
-        return n
+        return self._bridge.send(view, self._timeout)
 
     # ------------------------------------------------------------- closing
 
@@ -494,19 +547,12 @@ class StreamSocket:
         self._check_open()
         if how not in (socket.SHUT_RD, socket.SHUT_WR, socket.SHUT_RDWR):
             raise ValueError(f"invalid shutdown mode {how}")
-        bridge = self._bridge
         if how in (socket.SHUT_WR, socket.SHUT_RDWR) and not self._shut_wr:
             self._shut_wr = True
-            bridge.call(bridge.transport.write_eof)
+            self._bridge.write_eof()
         if how in (socket.SHUT_RD, socket.SHUT_RDWR):
-            with bridge.lock:
-                self._shut_rd = True
-                bridge.drop_received()
-                bridge.readable.notify_all()
-                paused = bridge.reading_paused
-                bridge.reading_paused = False
-            if paused:
-                bridge.call(bridge.transport.resume_reading)
+            self._shut_rd = True
+            self._bridge.shut_read()
 
     def close(self) -> None:
         """Close the stream: what was sent goes out, then a FIN (once the
@@ -521,14 +567,7 @@ class StreamSocket:
         if self._released:
             return
         self._released = True
-        bridge = self._bridge
-        with bridge.lock:
-            bridge.readable.notify_all()
-            bridge.writable.notify_all()
-        try:
-            bridge.call(bridge.transport.close)
-        except ConnectionAbortedError:
-            pass
+        self._bridge.close()
 
     def detach(self) -> int:
         raise OSError(errno.EOPNOTSUPP, "a fastnat stream has no file descriptor to detach")
@@ -620,14 +659,6 @@ def _release_pieces(pieces: Any) -> None:
             _piece_pool.append(piece.obj)
 
 
-def _as_connection_error(exc: BaseException) -> OSError:
-    if isinstance(exc, OSError):
-        return exc
-    error = ConnectionResetError(str(exc))
-    error.__cause__ = exc
-    return error
-
-
 def _make_socket(transport: StreamTransport, initial: bytes = b"") -> StreamSocket:
     """Attach a bridge to ``transport`` (taking it over from a handshake's
     protocol, with the bytes it read ahead); must run on the loop thread."""
@@ -647,10 +678,29 @@ def _make_socket(transport: StreamTransport, initial: bytes = b"") -> StreamSock
 # --------------------------------------------------------------- the session
 
 
-class BlockingSession:
-    """A :class:`fastnat.aio.MuxSession` driven from ordinary threads."""
+# Session options a thread-driven session takes; with any other (ssl,
+# server_hostname, stream_read_limit...) the session runs on the loop.
+_DRIVEN_OPTIONS = frozenset({"keepalive_interval", "keepalive_timeout", "engine"})
 
-    def __init__(self, session: MuxSession) -> None:
+
+def _refuse_on_loop_thread() -> None:
+    if threading.current_thread() is loop_thread.thread:
+        raise RuntimeError("blocking fastnat calls cannot be made from the fastnat loop thread")
+
+
+class BlockingSession:
+    """A multiplexer session used from ordinary threads.
+
+    Sessions made by :meth:`connect` and :meth:`from_socket` are driven by
+    the threads that use them (:class:`fastnat._driven.DrivenSession`): a
+    thread blocked on a stream reads the connection itself, and a thread
+    that sends writes to it, with only timers on the background loop. One
+    made from a :class:`fastnat.aio.MuxSession` (``BlockingSession(session)``,
+    or with TLS) lives on the background loop and its streams cross threads.
+    Both give the same :class:`StreamSocket`.
+    """
+
+    def __init__(self, session: MuxSession | DrivenSession) -> None:
         self._session = session
 
     @classmethod
@@ -665,26 +715,41 @@ class BlockingSession:
         **options: Any,
     ) -> BlockingSession:
         """Dial ``host:port`` and start a session."""
+        if not set(options) <= _DRIVEN_OPTIONS:
 
-        async def go() -> MuxSession:
-            return await MuxSession.connect(host, port, client=client, config=config, **options)
+            async def go() -> MuxSession:
+                return await MuxSession.connect(host, port, client=client, config=config, **options)
 
-        return cls(run_in_loop(go(), timeout))
+            return cls(run_in_loop(go(), timeout))
+        _refuse_on_loop_thread()
+        sock = socket.create_connection((host, port), timeout=timeout)
+        return cls._driven(sock, client, config, options)
 
     @classmethod
     def from_socket(
         cls, sock: socket.socket, *, client: bool, config: MuxConfig | None = None, **options: Any
     ) -> BlockingSession:
         """Start a session on a connected socket (ownership passes to the session)."""
+        if not set(options) <= _DRIVEN_OPTIONS:
 
-        async def go() -> MuxSession:
-            return await MuxSession.from_socket(sock, client=client, config=config, **options)
+            async def go() -> MuxSession:
+                return await MuxSession.from_socket(sock, client=client, config=config, **options)
 
-        return cls(run_in_loop(go()))
+            return cls(run_in_loop(go()))
+        _refuse_on_loop_thread()
+        return cls._driven(sock, client, config, options)
+
+    @classmethod
+    def _driven(cls, sock: socket.socket, client: bool, config: MuxConfig | None, options: dict[str, Any]) -> BlockingSession:
+        try:
+            return cls(DrivenSession(sock, client=client, config=config, loop=loop_thread.get_loop(), **options))
+        except BaseException:
+            sock.close()
+            raise
 
     @property
-    def session(self) -> MuxSession:
-        """The asyncio session (it lives on the background loop)."""
+    def session(self) -> MuxSession | DrivenSession:
+        """The session underneath: a DrivenSession, or the MuxSession it was made from."""
         return self._session
 
     @property
@@ -692,31 +757,52 @@ class BlockingSession:
         return self._session.closed
 
     def open_stream(self, timeout: float | None = None) -> StreamSocket:
+        session = self._session
+        if isinstance(session, DrivenSession):
+            _refuse_on_loop_thread()
+            return _driven_socket(session, session.open_stream())
+
         async def go() -> StreamSocket:
-            return _make_socket(self._session.open_transport())
+            return _make_socket(session.open_transport())
 
         return run_in_loop(go(), timeout)
 
     def accept_stream(self, timeout: float | None = None) -> StreamSocket:
         """Wait for the peer to open a stream; TimeoutError after ``timeout``."""
+        session = self._session
+        if isinstance(session, DrivenSession):
+            _refuse_on_loop_thread()
+            return _driven_socket(session, session.accept_stream(timeout))
 
         async def go() -> StreamSocket:
-            return _make_socket(await self._session.accept_transport())
+            return _make_socket(await session.accept_transport())
 
         return run_in_loop(go(), timeout)
 
     def ping(self, timeout: float | None = None) -> float:
-        return run_in_loop(self._session.ping(timeout))
+        """Ping the peer; the round-trip time in seconds (TimeoutError after
+        ``timeout``, by default the session's keepalive timeout)."""
+        session = self._session
+        if isinstance(session, DrivenSession):
+            _refuse_on_loop_thread()
+            return session.ping(timeout)
+        return run_in_loop(session.ping(timeout))
 
-    def set_error_callback(self, callback: Callable[[MuxSession, str, BaseException], Any] | None) -> None:
+    def set_error_callback(self, callback: Callable[[Any, str, BaseException], Any] | None) -> None:
+        """Call ``callback(session, where, exception)`` once if the session
+        dies from an error (on the background loop thread for a driven one)."""
         self._session.set_error_callback(callback)
 
     def close(self, timeout: float | None = 10.0) -> None:
         """Send Go Away, close the connection and wait until it is closed."""
+        session = self._session
+        if isinstance(session, DrivenSession):
+            session.close(timeout)
+            return
 
         async def go() -> None:
-            self._session.close()
-            await self._session.wait_closed()
+            session.close()
+            await session.wait_closed()
 
         if loop_thread.running:
             run_in_loop(go(), timeout)
@@ -729,3 +815,12 @@ class BlockingSession:
 
     def __repr__(self) -> str:
         return f"<BlockingSession {self._session!r}>"
+
+
+def _driven_socket(session: DrivenSession, stream: DrivenStream) -> StreamSocket:
+    extra = {
+        "peername": session.get_extra_info("peername"),
+        "sockname": session.get_extra_info("sockname"),
+        "stream_id": stream.stream_id,
+    }
+    return StreamSocket(stream, extra)
