@@ -207,6 +207,11 @@ class _ServerLink:
                 fwd._drop(self.peer, f"a server broke the multiplexer protocol: {session._error}")
             else:
                 log.info("server %s:%d disconnected: %s", self.peer[0], self.peer[1], exc)
+            # The session's streams keep this exception; its traceback holds
+            # the frames that awaited them, whose locals hold the session: a
+            # cycle that kept each gone server's session (and its buffers)
+            # alive until the next full collection.
+            exc.__traceback__ = None
         except ControlProtocolError as exc:
             fwd._drop(self.peer, f"bad control message from a server: {exc}")
         except Exception:
