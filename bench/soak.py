@@ -39,9 +39,11 @@ Memory rule ("flat after warm-up"): of the samples taken after the warm-up
 (--warmup seconds, default a fifth of the run), the median resident set of the
 last third may exceed the median of the first third by at most
 max(LEAK_FLOOR, LEAK_FRACTION of it); more is reported as a leak (exit 1). The
-least-squares slope over the same samples is reported in KiB/min beside it.
-Medians of thirds, not single samples: the resident set moves by a few MiB with
-the transfers in flight at the moment of a sample.
+same rule holds for the interpreter's memory blocks (``python_blocks`` in the
+forwarder's stats), with BLOCKS_FLOOR: a leak of Python objects shows there
+whatever the C allocator does with freed memory. The least-squares slope over
+the same samples is reported beside each. Medians of thirds, not single
+samples: both move with the transfers in flight at the moment of a sample.
 """
 
 from __future__ import annotations
@@ -89,6 +91,9 @@ REGISTER_RETRY = 5.0  # a killed group's ids: the forwarder may not have seen th
 # 1-3 MiB between samples; 5%: the same in proportion for bigger forwarders.
 LEAK_FLOOR = 4 * MiB
 LEAK_FRACTION = 0.05
+# The interpreter's memory blocks (the forwarder's ``python_blocks``): they
+# move by a few thousand with the connections in flight at a sample.
+BLOCKS_FLOOR = 5_000
 MIN_JUDGED_SAMPLES = 6  # fewer samples after warm-up: too short to judge
 
 EXPECTED = {"clean": "server left cleanly", "abort": "server aborted its session",
@@ -106,8 +111,11 @@ def emit(obj: dict[str, Any]) -> None:
 # ------------------------------------------------------------------ verdicts
 
 
-def memory_verdict(samples: list[tuple[float, int]], warmup: float) -> dict[str, Any]:
-    """Judge ``(seconds, rss)`` samples taken under load by the rule of the module docstring."""
+def memory_verdict(samples: list[tuple[float, int]], warmup: float, floor: float = LEAK_FLOOR,
+                   fraction: float = LEAK_FRACTION, unit: str = "MiB") -> dict[str, Any]:
+    """Judge ``(seconds, value)`` samples taken under load by the rule of the
+    module docstring: the resident set (``unit="MiB"``, values in bytes) or a
+    count (``unit="blocks"``)."""
     post = [(t, r) for t, r in samples if t >= warmup]
     if len(post) < MIN_JUDGED_SAMPLES:
         return {"flat": None, "verdict": f"too short to judge ({len(post)} samples after warm-up,"
@@ -115,18 +123,20 @@ def memory_verdict(samples: list[tuple[float, int]], warmup: float) -> dict[str,
     third = len(post) // 3
     base = statistics.median(r for _, r in post[:third])
     end = statistics.median(r for _, r in post[-third:])
-    limit = max(LEAK_FLOOR, LEAK_FRACTION * base)
+    limit = max(floor, fraction * base)
     growth = end - base
     mean_t = statistics.fmean(t for t, _ in post)
     mean_r = statistics.fmean(r for _, r in post)
     var_t = sum((t - mean_t) ** 2 for t, _ in post)
     slope = sum((t - mean_t) * (r - mean_r) for t, r in post) / var_t if var_t else 0.0
     flat = growth <= limit
+    scale, per, digits = (MiB, "KiB", 1) if unit == "MiB" else (1, unit, 0)
+    per_minute = slope * 60 / (1024 if unit == "MiB" else 1)
     return {
         "flat": flat, "samples": len(post), "base": base, "end": end, "growth": growth, "limit": limit,
-        "slope_kib_per_min": slope * 60 / 1024,
-        "verdict": (f"{'flat' if flat else 'LEAK'}: {growth / MiB:+.1f} MiB from the first to the last third"
-                    f" after warm-up (limit {limit / MiB:.1f} MiB); slope {slope * 60 / 1024:+,.0f} KiB/min"),
+        "slope_per_min": per_minute, "unit": per,
+        "verdict": (f"{'flat' if flat else 'LEAK'}: {growth / scale:+,.{digits}f} {unit} from the first to the last"
+                    f" third after warm-up (limit {limit / scale:,.{digits}f} {unit}); slope {per_minute:+,.0f} {per}/min"),
     }
 
 
@@ -497,10 +507,10 @@ def start_group(group: ProcessGroup, forwarder: str, args: argparse.Namespace, e
     return proc, proc.expect_json("ready", START_TIMEOUT)
 
 
-def print_report(samples: list[Sample], args: argparse.Namespace, verdict: dict[str, Any]) -> None:
-    print("| time (s) | forwarder RSS (MiB) | servers | clients active | transfers/s | relayed MB/s |"
+def print_report(samples: list[Sample], args: argparse.Namespace, verdicts: dict[str, dict[str, Any]]) -> None:
+    print("| time (s) | forwarder RSS (MiB) | Python blocks | servers | clients active | transfers/s | relayed MB/s |"
           " failures (expected) | errors |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     prev = None
     for s in samples:
         rate = mbps = "–"
@@ -511,11 +521,13 @@ def print_report(samples: list[Sample], args: argparse.Namespace, verdict: dict[
                        - prev.stats["bytes_client_to_server"] - prev.stats["bytes_server_to_client"])
             rate, mbps = f"{done / dt:,.1f}", f"{relayed / dt / 1e6:,.1f}"
         mark = " (end of warm-up)" if prev is not None and prev.t < args.warmup <= s.t else ""
-        print(f"| {s.t:,.0f}{mark} | {s.rss / MiB:,.1f} | {s.stats['servers']} | {s.stats['clients_active']} |"
+        print(f"| {s.t:,.0f}{mark} | {s.rss / MiB:,.1f} | {s.stats['python_blocks']:,} | {s.stats['servers']} |"
+              f" {s.stats['clients_active']} |"
               f" {rate} | {mbps} | {sum(s.churn['failures'].values()):,} | {sum(s.churn['errors'].values()):,} |")
         prev = s
     print()
-    print(f"Memory: {verdict['verdict']}.")
+    print(f"Resident set: {verdicts['rss']['verdict']}.")
+    print(f"Python blocks: {verdicts['blocks']['verdict']}.")
 
 
 def drive(args: argparse.Namespace) -> int:
@@ -585,13 +597,14 @@ def drive(args: argparse.Namespace) -> int:
         if held:
             problems.append(f"the forwarder still holds {held} {IDLE_TIMEOUT:g} s after everyone left")
         idle_rss = rss_of(fwd.pid)
-    verdict = memory_verdict([(s.t, s.rss) for s in samples], args.warmup)
+    verdicts = {"rss": memory_verdict([(s.t, s.rss) for s in samples], args.warmup),
+                "blocks": memory_verdict([(s.t, s.stats["python_blocks"]) for s in samples], args.warmup,
+                                         floor=BLOCKS_FLOOR, unit="blocks")}
     counters = final["counters"]
     errors = final["errors"]
     if errors:
         problems.append(f"{sum(errors.values()):,} errors: {errors}")
-    if verdict["flat"] is False:
-        problems.append(verdict["verdict"])
+    problems += [f"{what}: {v['verdict']}" for what, v in verdicts.items() if v["flat"] is False]
     if not counters.get("transfers ok"):
         problems.append("no transfer succeeded")
 
@@ -605,7 +618,7 @@ def drive(args: argparse.Namespace) -> int:
           f" transfers up to {nb._size(args.max_size)} each way; warm-up {args.warmup:g} s")
     print("```")
     print()
-    print_report(samples, args, verdict)
+    print_report(samples, args, verdicts)
     started_servers = sum(v for k, v in counters.items() if k.startswith("servers started"))
     print(f"\nTransfers checked (SHA-256 both ways): {counters.get('transfers ok', 0):,} ok,"
           f" {counters.get('bytes checked', 0) / MiB:,.0f} MiB of payload; servers registered and gone:"
@@ -627,7 +640,7 @@ def drive(args: argparse.Namespace) -> int:
         pathlib.Path(args.json).write_text(json.dumps({
             "command": nb.command_line(), "args": {k: v for k, v in vars(args).items() if not k.startswith("child")},
             "samples": [s.__dict__ for s in samples], "final": final, "kills": kills, "id_taken_retries": retries,
-            "forwarder_idle_after": not held, "idle_rss": idle_rss, "memory": verdict, "problems": problems,
+            "forwarder_idle_after": not held, "idle_rss": idle_rss, "memory": verdicts, "problems": problems,
         }, indent=2))
     return 1 if problems else 0
 

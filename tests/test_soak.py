@@ -37,7 +37,7 @@ def test_a_slow_leak_is_a_leak() -> None:
     samples = [(t, int(30 * MiB + t / 60 * MiB + (MiB if t % 20 else -MiB))) for t in range(0, 600, 10)]
     verdict = soak.memory_verdict(samples, warmup=120)
     assert verdict["flat"] is False, verdict
-    assert verdict["slope_kib_per_min"] == pytest.approx(1024, rel=0.2)
+    assert verdict["slope_per_min"] == pytest.approx(1024, rel=0.2) and verdict["unit"] == "KiB"
     assert verdict["verdict"].startswith("LEAK")
 
 
@@ -45,6 +45,15 @@ def test_growth_during_warm_up_is_not_judged() -> None:
     samples = [(float(t), (10 + min(t, 10) * 3) * MiB) for t in range(40)]  # +30 MiB, then flat
     assert soak.memory_verdict(samples, warmup=10)["flat"] is True
     assert soak.memory_verdict(samples, warmup=0)["flat"] is False
+
+
+def test_a_leak_of_blocks_is_a_leak() -> None:
+    # 100 blocks a second (a few objects per transfer) over 10 minutes, sampled every 10 s.
+    samples = [(float(t), 90_000 + 100 * t + (1_500 if t % 20 else -1_500)) for t in range(0, 600, 10)]
+    verdict = soak.memory_verdict(samples, warmup=120, floor=soak.BLOCKS_FLOOR, unit="blocks")
+    assert verdict["flat"] is False and "blocks" in verdict["verdict"]
+    flat = [(t, 90_000 + (1_500 if t % 20 else -1_500)) for t, _ in samples]
+    assert soak.memory_verdict(flat, warmup=120, floor=soak.BLOCKS_FLOOR, unit="blocks")["flat"] is True
 
 
 def test_too_few_samples_are_not_judged() -> None:
@@ -79,5 +88,6 @@ def test_a_short_soak_passes(engine: str, tmp_path: Path) -> None:
     assert report["kills"] >= 2 and report["forwarder_idle_after"]
     left = final["counters"]
     assert left.get("servers left (clean)", 0) > 0 and left.get("servers left (abort)", 0) > 0
-    assert report["memory"]["flat"] is True
+    assert report["memory"]["rss"]["flat"] is True and report["memory"]["blocks"]["flat"] is True
+    assert all(s["stats"]["python_blocks"] > 0 for s in report["samples"])
     assert "| time (s) | forwarder RSS (MiB) |" in result.stdout and "Verdict: PASS" in result.stdout

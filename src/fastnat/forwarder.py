@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import os
 import secrets as _secrets
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -671,6 +672,11 @@ class Forwarder:
             "refusals": dict(c.refusals),
             "per_server": per_server,
             "per_server_omitted": len(self._servers) - len(per_server),
+            # Memory blocks the interpreter holds (cheap: a counter). Flat
+            # under a steady load unless something leaks; bench/soak.py
+            # watches it beside the resident set, which also counts what the
+            # C allocator keeps after a peak.
+            "python_blocks": sys.getallocatedblocks(),
         }
 
     # ------------------------------------------------------------ internals
