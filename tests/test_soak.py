@@ -76,8 +76,8 @@ def test_a_short_soak_passes(engine: str, tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
     result = subprocess.run(
         [sys.executable, str(BENCH / "soak.py"), "--duration", "12", "--interval", "1", "--engine", engine,
-         "--servers", "8", "--lifetime", "1", "5", "--group-size", "3", "--kill-every", "4", "--clients", "4",
-         "--max-size", "256K", "--json", str(out)],
+         "--servers", "8", "--lifetime", "1", "5", "--abort-share", "0.5", "--group-size", "3", "--kill-every", "4",
+         "--clients", "4", "--max-size", "256K", "--json", str(out)],
         check=False, capture_output=True, text=True, timeout=100,
     )
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
