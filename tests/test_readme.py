@@ -216,12 +216,14 @@ SMALL_RUN = {
                               "--cps-seconds", "0.5", "--cps-loops", "1"],
     "bench/report_memory.py": ["--streams", "300", "--servers", "4", "--clients", "20", "--round-trips", "50",
                                "--connects", "2"],
+    "bench/soak.py": ["--duration", "8", "--interval", "1", "--servers", "4", "--clients", "2", "--lifetime", "1", "4",
+                      "--group-size", "2", "--kill-every", "3", "--max-size", "64K"],
 }
 
 
 def benchmark_commands() -> list[str]:
     text = README.read_text(encoding="utf-8")
-    return sorted(set(re.findall(r"`(python bench/report_\w+\.py[^`]*)`", text)))
+    return sorted(set(re.findall(r"`(python bench/(?:report_\w+|soak)\.py[^`]*)`", text)))
 
 
 def test_the_readme_names_its_benchmark_commands() -> None:

@@ -72,7 +72,7 @@ class _End(asyncio.BufferedProtocol):
     _fastnat_accepts_views = True
 
     def __init__(self, splice: Splice, name: str) -> None:
-        self.splice = splice
+        self.splice: Splice | None = splice  # None once the splice is over (see Splice._release)
         self.name = name
         self.transport: asyncio.Transport | None = None
         self.other: _End | None = None
@@ -116,6 +116,7 @@ class _End(asyncio.BufferedProtocol):
             flush = getattr(transport, "flush", None)
             if flush is not None:
                 flush()  # a stream: out now, not at the end of the loop iteration
+        assert self.splice is not None
         self.splice._count(self.name, len(data))
         if meter is not None:
             meter.spent(self, len(data))
@@ -144,6 +145,7 @@ class _End(asyncio.BufferedProtocol):
                 other.transport.write_eof()
             else:
                 other.transport.close()
+        assert self.splice is not None
         self.splice._maybe_done()
         # Keep our write direction open (TLS cannot: its transport closes).
         return self.half_close
@@ -173,6 +175,7 @@ class _End(asyncio.BufferedProtocol):
                 _abort_with_reset(other.transport)  # a reset becomes a reset
             else:
                 other.transport.close()  # after what is buffered for it
+        assert self.splice is not None
         self.splice._end_lost(self, exc)
 
 
@@ -267,8 +270,22 @@ class Splice:
     def _end_lost(self, end: _End, exc: BaseException | None) -> None:
         if exc is not None and self._error is None:
             self._error = exc
-        if self.end_a.lost and self.end_b.lost and not self.done.done():
-            self.done.set_result(self._error)
+        if self.end_a.lost and self.end_b.lost:
+            if not self.done.done():
+                self.done.set_result(self._error)
+            self._release()
+
+    def _release(self) -> None:
+        """Both sides are gone: drop the references that make the ends, their
+        transports and this splice a cycle, so that reference counting frees
+        the connection (and whatever its transports still buffer) now, not
+        the cyclic collector much later (a forwarder churning clients held
+        tens of MiB of dead connections between full collections)."""
+        for end in (self.end_a, self.end_b):
+            end.transport = None
+            end.other = None
+            end.buffer = None
+            end.splice = None
 
 
 # How long closing a set of relays waits for their tasks to finish.

@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,17 @@ import fastnat
 from fastnat import aio
 
 from .conftest import _open_fds, background_tasks
-from .support import LOOPBACK, echo_handler, echo_through, hello, message, raw_connect, raw_stats, wait_until
+from .support import (
+    LOOPBACK,
+    async_wait_until,
+    echo_handler,
+    echo_through,
+    hello,
+    message,
+    raw_connect,
+    raw_stats,
+    wait_until,
+)
 
 # every test here is bounded (longer ones say so)
 pytestmark = pytest.mark.timeout(60)
@@ -176,3 +187,63 @@ def test_forwarder_process_leaks_nothing(nat_engine: str, forwarders) -> None:
     stats = raw_stats(fwd.port)
     assert stats["sessions"] == 0 and stats["clients_active"] == 0 and stats["pending_handshakes"] <= 1
     assert fwd.alive()
+
+
+def test_a_gone_connection_is_freed_without_the_cyclic_collector(nat_engine: str) -> None:
+    """A relayed connection that ended (cleanly, or reset) and a server session
+    that ended (cleanly, or aborted) are freed by reference counting: a
+    forwarder under churn must not hold dead connections and their buffers
+    until the next full collection (bench/soak.py saw tens of MiB)."""
+    import gc
+    import struct
+    import weakref
+
+    from fastnat.forwarder import Forwarder
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        writer.close()
+
+    async def main() -> list[str]:
+        alive: list[tuple[str, weakref.ref[Any]]] = []
+        async with Forwarder(LOOPBACK, 0, host_registry=False) as fwd:
+            address = (LOOPBACK, fwd.port)
+            for how in ("clean", "abort"):
+                server = await aio.start_server(echo, f"gc-{how}", 80, forwarder=address, persist=False)
+                alive.append((f"server session ({how})", weakref.ref(next(iter(fwd._links)).session)))
+                for end in ("closed", "reset"):
+                    reader, writer = await aio.open_connection(f"gc-{how}", 80, forwarder=address)
+                    writer.write(b"x" * 100_000)
+                    assert len(await asyncio.wait_for(reader.readexactly(100_000), 5)) == 100_000
+                    splice = next(iter(fwd._splices))
+                    alive += [(f"{name} ({end}, server {how})", weakref.ref(obj)) for name, obj in
+                              (("splice", splice), ("its end", splice.end_a), ("its stream", splice.end_b.transport))]
+                    del splice
+                    if end == "reset":
+                        writer.transport.get_extra_info("socket").setsockopt(
+                            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        writer.transport.abort()
+                    else:
+                        writer.close()
+                    await async_wait_until(lambda: not fwd._splices, 5, "the forwarder to end the relay")
+                if how == "abort":
+                    server.registration.session._transport.abort()
+                server.close()
+                await asyncio.wait_for(server.wait_closed(), 10)
+                del server
+                await async_wait_until(lambda: not fwd._links, 5, "the forwarder to drop the server")
+            await asyncio.sleep(0.1)  # callbacks scheduled by the closes run
+            return [name for name, ref in alive if ref() is not None]
+
+    gc.collect()
+    gc.disable()
+    try:
+        left = aio.run(main())
+    finally:
+        gc.enable()
+    assert left == [], f"kept alive by reference cycles: {left}"
