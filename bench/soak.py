@@ -163,6 +163,19 @@ class Corrupt(Exception):
     """A transfer's bytes are not the bytes sent."""
 
 
+async def read_hashed(reader: asyncio.StreamReader, n: int) -> Any:
+    """Read exactly ``n`` bytes (in pieces, never all in memory); their sha256."""
+    digest = hashlib.sha256()
+    left = n
+    while left:
+        chunk = await reader.read(min(left, CHUNK))
+        if not chunk:
+            raise asyncio.IncompleteReadError(b"", left)
+        digest.update(chunk)
+        left -= len(chunk)
+    return digest
+
+
 async def serve_transfer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, counters: Counter[str]) -> None:
     """The server's side of a transfer (asyncio)."""
     try:
@@ -170,14 +183,7 @@ async def serve_transfer(reader: asyncio.StreamReader, writer: asyncio.StreamWri
         if up > MAX_TRANSFER or down > MAX_TRANSFER:
             counters["server saw corruption"] += 1
             return
-        digest = hashlib.sha256()
-        left = up
-        while left:
-            chunk = await reader.read(min(left, CHUNK))
-            if not chunk:
-                raise asyncio.IncompleteReadError(b"", left)
-            digest.update(chunk)
-            left -= len(chunk)
+        digest = await read_hashed(reader, up)
         payload = random.randbytes(down)
         writer.write(digest.digest())
         writer.write(payload)
@@ -236,14 +242,7 @@ async def client_transfer(forwarder: str, server_id: str, up: int, down: int, rn
         echoed = await reader.readexactly(DIGEST_SIZE)
         if echoed != hashlib.sha256(payload).digest():
             raise Corrupt(f"{server_id}: the server received other bytes than the {up:,} sent")
-        digest = hashlib.sha256()
-        left = down
-        while left:
-            chunk = await reader.read(min(left, CHUNK))
-            if not chunk:
-                raise asyncio.IncompleteReadError(b"", left)
-            digest.update(chunk)
-            left -= len(chunk)
+        digest = await read_hashed(reader, down)
         if await reader.readexactly(DIGEST_SIZE) != digest.digest():
             raise Corrupt(f"{server_id}: the {down:,} bytes received are not the bytes the server sent")
         extra = await reader.read(1)

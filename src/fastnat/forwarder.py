@@ -98,25 +98,35 @@ _ECHO_PROBE_SIZE = 16
 # 64 KiB control message.
 STATS_MAX_SERVERS = 100
 # Who sees ``stats``' per-server part (ids, ports, and each server's public
-# address, which is where its NAT is): "local", callers on a loopback address
-# (the operator, on the forwarder's host); "all"; or "none". Totals are
-# anyone's: they say how busy the forwarder is, and nothing about whom.
+# address, which is where its NAT is): "local", callers on the forwarder's own
+# host (a loopback address, or the very address they dialled); "all"; or
+# "none". Totals are anyone's: they say how busy the forwarder is, and
+# nothing about whom.
 STATS_DETAIL_POLICIES = ("local", "all", "none")
 
 
-def stats_detail_allowed(policy: str, ip: str) -> bool:
-    """Whether a ``stats`` caller at ``ip`` sees the per-server part under ``policy``."""
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(text.partition("%")[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def stats_detail_allowed(policy: str, peer_ip: str, local_ip: str | None = None) -> bool:
+    """Whether a ``stats`` caller at ``peer_ip``, connected to ``local_ip``,
+    sees the per-server part under ``policy``."""
     if policy == "all":
         return True
     if policy != "local":
         return False
-    try:
-        address = ipaddress.ip_address(ip.partition("%")[0])
-    except ValueError:
+    peer = _ip(peer_ip)
+    if peer is None:
         return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
+    # A connection from this host to one of its own addresses comes from that address.
+    return peer.is_loopback or (local_ip is not None and peer == _ip(local_ip))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -362,7 +372,9 @@ class _ServerLink:
         if name == "externaladdr":
             return Status.OK, {"ip": self.peer[0], "port": self.peer[1]}
         if name == "stats":
-            return Status.OK, fwd.stats(detail=stats_detail_allowed(fwd.stats_detail, self.peer[0]))
+            local = self.session.get_extra_info("sockname")
+            detail = stats_detail_allowed(fwd.stats_detail, self.peer[0], local[0] if local else None)
+            return Status.OK, fwd.stats(detail=detail)
         raise ControlProtocolError(f"request {name!r} is not for a server's control stream")
 
 
@@ -1002,7 +1014,8 @@ class Forwarder:
                 hs.reply(encode_reply(request.id, Status.OK, {"reachable": reachable, "seen": hs.peer[0]}))
             elif name == "stats":
                 hs._finish()  # its handshake is over: the asker is not one of the pending
-                detail = stats_detail_allowed(self.stats_detail, hs.peer[0])
+                local = transport.get_extra_info("sockname")
+                detail = stats_detail_allowed(self.stats_detail, hs.peer[0], local[0] if local else None)
                 hs.reply(encode_reply(request.id, Status.OK, self.stats(detail=detail)))
             else:
                 hs._close(f"request {name!r} is not for a client connection")

@@ -98,8 +98,9 @@ class World:
         assert (found.group(1), int(found.group(2))) == (PUBLIC, FWD_PORT), found.group(0)
         return proc
 
-    def status(self) -> dict:  # type: ignore[type-arg]
-        result = self.run_fastnat(self.public, ["status", "--json", "--forwarder", f"{PUBLIC}:{FWD_PORT}"])
+    def status(self, ns: str | None = None) -> dict:  # type: ignore[type-arg]
+        """``fastnat status --json`` asked from ``ns`` (default: the forwarder's own host)."""
+        result = self.run_fastnat(ns or self.public, ["status", "--json", "--forwarder", f"{PUBLIC}:{FWD_PORT}"])
         assert result.returncode == 0, result
         return json.loads(result.stdout)  # type: ignore[no-any-return]
 
@@ -291,6 +292,11 @@ def test_download_64_mib_through_fastnat(world: World, exposed: tuple[NsProcess,
     assert entry["address"].rsplit(":", 1)[0] == R1_WAN, entry
     assert entry["ports"] == [SERVICE_PORT]
     assert entry["bytes_server_to_client"] >= FILE_SIZE, entry
+    # Asked from elsewhere (the client's host, behind its NAT), the forwarder
+    # gives its totals only: who is registered, and from where, stays private.
+    elsewhere = world.status(world.client)
+    assert elsewhere["servers"] == stats["servers"] and elsewhere["per_server"] == {}, elsewhere
+    assert elsewhere["per_server_omitted"] == stats["servers"], elsewhere
 
 
 def _check(world: World, ns: str) -> dict[str, str]:

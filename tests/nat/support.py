@@ -368,6 +368,18 @@ def echo_handler(remoteip: str, remoteport: int, sock: Any, thiscommhandle: Any,
         sock.close()
 
 
+async def aio_echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A ``fastnat.aio.start_server`` handler: echo until the client's end of stream."""
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
 def echo_through(fport: int, server_id: str, port: int, data: bytes = b"ping", timeout: float = 5.0) -> bytes:
     """Open a connection with ``nat_openconn`` via the forwarder on ``fport``,
     send ``data``, half-close, return everything that comes back."""

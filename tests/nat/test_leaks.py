@@ -19,6 +19,7 @@ from fastnat import aio
 from .conftest import _open_fds, background_tasks
 from .support import (
     LOOPBACK,
+    aio_echo_handler,
     async_wait_until,
     echo_handler,
     echo_through,
@@ -200,21 +201,12 @@ def test_a_gone_connection_is_freed_without_the_cyclic_collector(nat_engine: str
 
     from fastnat.forwarder import Forwarder
 
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except ConnectionError:
-            pass
-        writer.close()
-
     async def main() -> list[str]:
         alive: list[tuple[str, weakref.ref[Any]]] = []
         async with Forwarder(LOOPBACK, 0, host_registry=False) as fwd:
             address = (LOOPBACK, fwd.port)
             for how in ("clean", "abort"):
-                server = await aio.start_server(echo, f"gc-{how}", 80, forwarder=address, persist=False)
+                server = await aio.start_server(aio_echo_handler, f"gc-{how}", 80, forwarder=address, persist=False)
                 alive.append((f"server session ({how})", weakref.ref(next(iter(fwd._links)).session)))
                 for end in ("closed", "reset"):
                     reader, writer = await aio.open_connection(f"gc-{how}", 80, forwarder=address)

@@ -247,7 +247,8 @@ def test_forwarder_bad_port_is_an_error_not_a_traceback() -> None:
 def test_who_sees_the_per_server_stats(forwarders, policy: str, shown: bool) -> None:
     """The per-server part of ``stats`` (ids, ports, the servers' public
     addresses) goes to callers on the forwarder's host by default; totals go
-    to anyone."""
+    to anyone. (tests/e2e asks from the forwarder's host at its public
+    address; a caller elsewhere is refused the detail there too.)"""
     fwd = forwarders("--stats-detail", policy)
     handle = fastnat.nat_waitforconn("private", 80, echo_handler, forwarderIP=LOOPBACK, forwarderPort=fwd.port)
     try:
@@ -270,5 +271,10 @@ def test_the_stats_detail_policy() -> None:
     for ip in ("10.0.0.7", "203.0.113.9", "2001:db8::1", "::ffff:192.0.2.1", "fe80::1%eth0", "not an ip"):
         assert not stats_detail_allowed("local", ip), ip
         assert stats_detail_allowed("all", ip), ip
+    # from this host to one of its own addresses: the caller's address is the one it dialled
+    assert stats_detail_allowed("local", "203.0.113.9", "203.0.113.9")
+    assert stats_detail_allowed("local", "::ffff:10.0.0.7", "10.0.0.7")
+    assert not stats_detail_allowed("local", "203.0.113.9", "203.0.113.10")
+    assert not stats_detail_allowed("none", "203.0.113.9", "203.0.113.9")
     with pytest.raises(ValueError, match="stats_detail"):
         Forwarder("127.0.0.1", 0, stats_detail="everyone")

@@ -25,7 +25,7 @@ from fastnat.forwarder import Forwarder, ForwarderLimits
 from fastnat.mux_config import MuxConfig
 from fastnat.protocol import HelloReplyReader, HelloStatus, encode_hello
 
-from .support import LOOPBACK, MiB, async_wait_until
+from .support import LOOPBACK, MiB, aio_echo_handler, async_wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -94,17 +94,6 @@ async def close(writer: asyncio.StreamWriter) -> None:
         pass
 
 
-async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except ConnectionError:
-        pass
-    finally:
-        writer.close()
-
-
 async def round_trip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes = b"ping") -> bytes:
     writer.write(data)
     return await asyncio.wait_for(reader.readexactly(len(data)), 5)
@@ -116,7 +105,7 @@ async def round_trip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
 def test_connections_per_address(nat_engine: str) -> None:
     async def body(fwd: Forwarder) -> None:
         where = (LOOPBACK, fwd.port)
-        async with await aio.start_server(echo, SERVER_ID, PORT, forwarder=where):  # connection 1
+        async with await aio.start_server(aio_echo_handler, SERVER_ID, PORT, forwarder=where):  # connection 1
             clients = [await aio.open_connection(SERVER_ID, PORT, forwarder=where) for _ in range(2)]  # 2 and 3
             assert fwd._ip_connections.count(LOOPBACK) == 3
             with pytest.raises(ForwarderBusyError, match="max_connections_per_ip"):
@@ -162,7 +151,7 @@ def test_handshakes_per_address() -> None:
 def test_streams_per_server_session(nat_engine: str) -> None:
     async def body(fwd: Forwarder) -> None:
         where = (LOOPBACK, fwd.port)
-        async with await aio.start_server(echo, SERVER_ID, PORT, forwarder=where):  # the control stream
+        async with await aio.start_server(aio_echo_handler, SERVER_ID, PORT, forwarder=where):  # the control stream
             clients = [await aio.open_connection(SERVER_ID, PORT, forwarder=where) for _ in range(2)]
             with pytest.raises(ServerBusyError, match="max_streams_per_session"):
                 await aio.open_connection(SERVER_ID, PORT, forwarder=where)
