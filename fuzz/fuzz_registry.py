@@ -572,9 +572,11 @@ def expected_first_call(segment: bytes, op: int, max_values: int):
     hello = reader.feed(segment)
     if hello is None:
         return RegistryUnavailableError
-    if hello.status == HelloStatus.BUSY:
+    if hello.status in (HelloStatus.BUSY, HelloStatus.IP_CONNECTIONS):  # the registry's own connection caps
         return RegistryUnavailableError
     error = proto.hello_error(hello, "fuzz")
+    if isinstance(error, fastnat.errors.ForwarderBusyError):  # any other limit: unavailable too
+        return RegistryUnavailableError
     if error is not None:
         return type(error)
     rest = reader.rest

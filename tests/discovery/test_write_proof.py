@@ -6,6 +6,7 @@ ones that send exactly the bytes an attacker would).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
@@ -141,3 +142,33 @@ def test_the_process_secret_is_the_default(monkeypatch: pytest.MonkeyPatch) -> N
 
     serve_with(body, secret=SECRET)
     serve_with(body)
+
+
+@pytest.mark.parametrize("status", [HelloStatus.BUSY, HelloStatus.IP_CONNECTIONS, HelloStatus.IP_HANDSHAKES])
+def test_a_registry_at_a_limit_is_unavailable(status: int) -> None:
+    """Whatever limit a registry (or the forwarder hosting it) answers the
+    hello with, the client says the registry is unavailable, naming it once
+    (found by fuzz/fuzz_registry.py: a forwarder's own limit used to come out
+    with the registry named twice)."""
+    from fastnat.errors import RegistryUnavailableError
+    from fastnat.protocol import NONCE_SIZE, encode_hello_reply
+
+    async def main() -> None:
+        async def refuse(reader, writer) -> None:  # type: ignore[no-untyped-def]
+            writer.write(encode_hello_reply(status, 0, bytes(NONCE_SIZE)))
+            writer.close()
+
+        server = await asyncio.start_server(refuse, LOOPBACK, 0)
+        url = f"fastnat://{LOOPBACK}:{server.sockets[0].getsockname()[1]}"
+        client = ServiceRegistry(url)
+        try:
+            with pytest.raises(RegistryUnavailableError) as info:
+                await client.lookup("k")
+            assert str(info.value).count("registry fastnat://") == 1, info.value
+            assert "limit" in str(info.value), info.value
+        finally:
+            await client.close()
+            server.close()
+            await server.wait_closed()
+
+    run_async(main())

@@ -60,7 +60,7 @@ from fastnat.discovery.base import (
     validate_value,
 )
 from fastnat.discovery.store import DEFAULT_MAX_KEYS, DEFAULT_MAX_VALUES_PER_KEY, StoreFull, TTLStore
-from fastnat.errors import AuthenticationError, ControlProtocolError, RegistryUnavailableError
+from fastnat.errors import AuthenticationError, ControlProtocolError, ForwarderBusyError, RegistryUnavailableError
 from fastnat.ratelimit import AddressCounts, TokenBucket
 from fastnat.protocol import (
     HELLO_SIZE,
@@ -942,6 +942,8 @@ class ServiceRegistry(Registry):
                 f"{self.where}: the registry is at its connection limit for this address (max_connections_per_ip)"
             )
         error = hello_error(hello, self.where)
+        if isinstance(error, ForwarderBusyError):  # another limit of a forwarder hosting the registry
+            raise RegistryUnavailableError(str(error))
         if error is not None:
             raise error
         self._nonce = hello.nonce
