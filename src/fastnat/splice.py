@@ -101,8 +101,9 @@ class _End(asyncio.BufferedProtocol):
 
     def _forward(self, data: Any) -> None:
         other = self.other
-        assert other is not None and other.transport is not None
-        meter = self.splice.meter
+        splice = self.splice
+        assert other is not None and other.transport is not None and splice is not None
+        meter = splice.meter
         if meter is not None:
             allowed = meter.allowance(len(data))
             if allowed < len(data):
@@ -116,8 +117,7 @@ class _End(asyncio.BufferedProtocol):
             flush = getattr(transport, "flush", None)
             if flush is not None:
                 flush()  # a stream: out now, not at the end of the loop iteration
-        assert self.splice is not None
-        self.splice._count(self.name, len(data))
+        splice._count(self.name, len(data))
         if meter is not None:
             meter.spent(self, len(data))
 

@@ -849,8 +849,8 @@ class ServiceRegistry(Registry):
                     prefix, fresh = hello, True  # the request goes with the hello
                 else:
                     # A proof needs the connection's nonce: the hello first.
+                    assert self._reader is not None and self._writer is not None
                     self._writer.write(hello)
-                    assert self._reader is not None
                     await asyncio.wait_for(self._read_hello(self._reader), self.timeout)
                     prefix, fresh = b"", False
             else:
