@@ -3,6 +3,8 @@ free port or a bounded wait imports them from here)."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import socket
 import time
 from collections.abc import Callable
@@ -29,3 +31,18 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+async def async_wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
+    """:func:`wait_until` for a coroutine: ``predicate()`` (plain, or awaitable)
+    polled without blocking the loop; its first true value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(interval)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
+from _net_helpers import async_wait_until
 
 from fastnat.aio import MuxSession, start_session_server
 from fastnat.mux_config import MuxConfig
@@ -193,12 +195,8 @@ async def read_all(reader: Any, chunk: int = 1 << 20) -> bytes:
         parts.append(data)
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.005)
+# Polls every 5 ms: a session's events follow one another within milliseconds.
+wait_until = functools.partial(async_wait_until, interval=0.005)
 
 
 async def expect_failure(awaitable: Awaitable[Any], timeout: float, *types: type[BaseException]) -> BaseException:

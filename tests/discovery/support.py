@@ -7,6 +7,7 @@ registry is a real one, over real sockets.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import shutil
 import signal
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _net_helpers import free_port
+from _net_helpers import async_wait_until, free_port
 
 from fastnat.protocol import (
     ROLE_REGISTRY,
@@ -92,18 +93,8 @@ def run_async(coro: Coroutine[Any, Any, Any], *, timeout: float = 20.0, loop_kin
         return runner.run(main())
 
 
-async def eventually(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.01) -> None:
-    """Wait (bounded) until ``predicate()`` (sync or async) is true."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(interval)
+# Polls every 10 ms: the registry's own events are quick.
+eventually = functools.partial(async_wait_until, interval=0.01)
 
 
 def open_fds() -> dict[int, str]:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from _net_helpers import free_port, wait_until  # noqa: F401 (re-exported)
+from _net_helpers import async_wait_until, free_port, wait_until  # noqa: F401 (re-exported)
 
 LOOPBACK = "127.0.0.1"
 HERE = Path(__file__).resolve().parent
@@ -51,17 +51,6 @@ def engine_env(engine_name: str, **extra: str) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
-
-
-async def async_wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 # --------------------------------------------------------- child processes
