@@ -213,3 +213,8 @@ def choose_forwarders(host: str | None = None, port: int | None = None) -> list[
 def secret_from_env() -> bytes | None:
     value = os.environ.get(SECRET_ENV)
     return value.encode() if value else None
+
+
+def process_secret() -> bytes | None:
+    """This process's secret: ``configure(secret=...)``, else ``FASTNAT_SECRET``."""
+    return _settings.secret or secret_from_env()

@@ -52,7 +52,7 @@ from fastnat.protocol import (
     validate_port,
     validate_server_id,
 )
-from fastnat.settings import get_settings, parse_address, secret_from_env
+from fastnat.settings import get_settings, parse_address, process_secret
 from fastnat.tls import client_tls, closed_during_hello, connect_options
 
 __all__ = ["Registration", "NATServer", "start_server", "ErrorDelegate"]
@@ -215,7 +215,7 @@ class Registration:
             raise ValueError("redundancy above 1 needs several forwarders: name none, configure a registry or a list")
         self._forwarder = forwarder
         settings = get_settings()
-        self._secret = secret if secret is not None else (settings.secret or secret_from_env())
+        self._secret = secret if secret is not None else process_secret()
         self.persist = persist
         self.redundancy = redundancy
         self._config = config or settings.mux_config

@@ -88,7 +88,7 @@ from fastnat.protocol import (
     parse_request,
     registry_write_proof,
 )
-from fastnat.settings import SERVER_KEY_PREFIX, get_settings, secret_from_env
+from fastnat.settings import SERVER_KEY_PREFIX, process_secret
 from fastnat.tls import SHUTDOWN_TIMEOUT, client_tls, connect_failure, connect_options
 
 __all__ = ["RegistryLimits", "RegistryService", "RegistryServer", "ServiceRegistry", "DEFAULT_TIMEOUT"]
@@ -834,7 +834,7 @@ class ServiceRegistry(Registry):
     def _write_secret(self) -> bytes | None:
         if self._secret is not None:
             return self._secret
-        return get_settings().secret or secret_from_env()
+        return process_secret()
 
     async def _exchange(self, name: str, value: dict[str, Any], reused: bool) -> Any:
         """One request and its reply, connecting first if needed."""
