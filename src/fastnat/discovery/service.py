@@ -60,7 +60,13 @@ from fastnat.discovery.base import (
     validate_value,
 )
 from fastnat.discovery.store import DEFAULT_MAX_KEYS, DEFAULT_MAX_VALUES_PER_KEY, StoreFull, TTLStore
-from fastnat.errors import AuthenticationError, ControlProtocolError, ForwarderBusyError, RegistryUnavailableError
+from fastnat.errors import (
+    AuthenticationError,
+    ControlProtocolError,
+    ForwarderBusyError,
+    NATLayerError,
+    RegistryUnavailableError,
+)
 from fastnat.ratelimit import AddressCounts, TokenBucket
 from fastnat.protocol import (
     HELLO_SIZE,
@@ -867,7 +873,9 @@ class ServiceRegistry(Registry):
         except (TimeoutError, asyncio.TimeoutError):
             self._forget()
             raise RegistryUnavailableError(f"{self.where}: no answer within {self.timeout:g} s") from None
-        except (ControlProtocolError, RegistryUnavailableError):
+        except NATLayerError:
+            # Ours, naming the registry already: not an OSError of the socket
+            # to describe again, nor a stale connection to try once more.
             self._forget()
             raise
         except (OSError, EOFError) as exc:
